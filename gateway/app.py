@@ -1,0 +1,200 @@
+"""Composition root: the one place objects are built, wired and started.
+
+Imports: everything below it (config, policy, store, auth, changefeed, headers, proxy,
+pipeline, admin, logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from sqlalchemy.engine import make_url
+
+from gateway.admin import build_admin_app
+from gateway.auth import Authenticator, LastUsed, TokenCache
+from gateway.changefeed import ChangeFeed
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError, StoreUnavailable
+from gateway.headers import HeaderPolicy
+from gateway.logs import configure as configure_logging
+from gateway.logs import install_redaction
+from gateway.pipeline import Pipeline, Settings
+from gateway.policy import load_route_table
+from gateway.proxy import Forwarder, UpstreamPools
+from gateway.store import Store, open_store
+
+log = logging.getLogger("gateway.app")
+
+_LAST_USED_FLUSH_SECONDS = 15.0
+
+
+def build_settings(config: Config) -> Settings:
+    """Validate policies for `config` and build the pipeline's settings (raises ConfigError)."""
+    table = load_route_table(config)
+    return Settings(
+        config=config,
+        table=table,
+        headers=HeaderPolicy(config.identity, config.trusted_proxies),
+    )
+
+
+class Gateway:
+    """Everything one gateway process runs: store, caches, change feed, pipeline."""
+
+    def __init__(self, config: Config, settings: Settings, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.cache = TokenCache(
+            ttl=config.cache.ttl,
+            negative_ttl=config.cache.negative_ttl,
+            max_entries=config.cache.max_entries,
+        )
+        self.last_used = LastUsed()
+        self.feed = ChangeFeed(store, self.cache, outage_grace=config.cache.outage_grace)
+        self.authenticator = Authenticator(
+            store, self.cache, self.last_used, store_trusted=self.feed.trusted
+        )
+        self.pools = UpstreamPools()
+        self.pipeline = Pipeline(settings, self.authenticator, Forwarder(self.pools))
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(cls, config: Config) -> Gateway:
+        """Validate the config, open (and migrate) the store, start background work."""
+        install_redaction()
+        settings = build_settings(config)
+        store = await open_store(config.store_url, migrate=True)
+        gateway = cls(config, settings, store)
+        await gateway.feed.poll()
+        gateway._tasks = [
+            asyncio.create_task(gateway.feed.run(), name="change-feed"),
+            asyncio.create_task(gateway._flush_last_used(), name="last-used"),
+        ]
+        return gateway
+
+    async def _flush_last_used(self) -> None:
+        while True:
+            await asyncio.sleep(_LAST_USED_FLUSH_SECONDS)
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        try:
+            await self.last_used.flush(self.store)
+        except StoreUnavailable:
+            log.warning("could not record last_used_at (store unreachable); will retry")
+
+    def reload(self) -> bool:
+        """Re-read the config file and policies; keep the old version if the new one is bad."""
+        try:
+            config = load_config(self.config.path)
+            settings = build_settings(config)
+        except ConfigError as error:
+            log.error("reload refused; the previous configuration stays live", extra={"problems": error.problems})
+            return False
+        for what, old, new in (
+            ("listeners.proxy", self.config.proxy_listen, config.proxy_listen),
+            ("listeners.admin", self.config.admin_listen, config.admin_listen),
+            ("store.url", self.config.store_url, config.store_url),
+        ):
+            if old != new:
+                log.warning("%s changed: it takes effect only after a restart", what)
+        self.pipeline.settings = settings
+        log.info("configuration reloaded", extra={"routes": len(config.routes)})
+        return True
+
+    async def close(self) -> None:
+        """Stop background work, flush last use, close pools and the store."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush_once()
+        await self.pools.close()
+        await self.store.close()
+
+
+async def _no_automatic_continue(request: web.Request) -> None:
+    # aiohttp would send "100 Continue" before the handler runs; the pipeline sends it
+    # only after the request is authorised.
+    return None
+
+
+def build_proxy_app(gateway: Gateway) -> web.Application:
+    """The proxy listener's app: one catch-all resource, our own route table behind it."""
+    app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    app.router.add_route(
+        "*", "/{tail:.*}", gateway.pipeline.handle, expect_handler=_no_automatic_continue
+    )
+    return app
+
+
+async def run(config: Config) -> None:
+    """Serve the proxy and admin listeners until SIGINT/SIGTERM; SIGHUP reloads."""
+    gateway = await Gateway.open(config)
+    runners: list[web.AppRunner] = []
+    try:
+        for app, (host, port) in (
+            (build_proxy_app(gateway), config.proxy_listen),
+            (build_admin_app(gateway.store, gateway.feed), config.admin_listen),
+        ):
+            runner = web.AppRunner(
+                app, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=10
+            )
+            await runner.setup()
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            runners.append(runner)
+        log.info(
+            "gateway serving",
+            extra={
+                "proxy": f"{config.proxy_listen[0]}:{config.proxy_listen[1]}",
+                "admin": f"{config.admin_listen[0]}:{config.admin_listen[1]}",
+                "store": gateway.store.url,
+                "routes": len(config.routes),
+            },
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await gateway.close()
+
+
+def serve(config: Config, workers: int = 1) -> None:
+    """Run the gateway in the foreground (blocking); the entry point of `gateway serve`."""
+    configure_logging(config.log_level)
+    if workers != 1:
+        raise ConfigError(["--workers: only 1 worker is supported in this release"])
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    started = time.monotonic()
+    try:
+        asyncio.run(run(config))
+    except StoreUnavailable as error:
+        shown = make_url(config.store_url).render_as_string(hide_password=True)
+        raise ConfigError([f"store: {error.message} ({shown})"]) from error
+    log.info("stopped", extra={"uptime_s": round(time.monotonic() - started, 1)})
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Gateway]:
+    """A started Gateway for tests and embedding; closed on exit."""
+    gateway = await Gateway.open(config)
+    try:
+        yield gateway
+    finally:
+        await gateway.close()

@@ -1,0 +1,312 @@
+"""The commands: serve, check, user …, token …, audit list (CONTRACT.md "Command line").
+
+Imports: cli.session, cli.output, services, policy and app (lazily).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import click
+
+from gateway.cli.output import (
+    TimeType,
+    audit_table,
+    emit_json,
+    names,
+    print_secret,
+    role_list,
+    tokens_table,
+    user_details,
+    users_table,
+    when,
+)
+from gateway.cli.session import Session, actor, fail
+from gateway.errors import GatewayError
+from gateway.services import UNSET, AuditView, Directory, TokenView, Unset, UserView
+
+DEFAULT_CONFIG = "gateway.yaml"
+FORMAT = click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table for people; json for programs (the admin API's objects)",
+)
+TOKEN_USER = click.option("--user", "user", required=True, metavar="NAME", help="the service user")
+
+pass_session = click.make_pass_decorator(Session)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    metavar="PATH",
+    help=f"config file (default: $GATEWAY_CONFIG, else ./{DEFAULT_CONFIG}); also accepted after the command",
+)
+@click.pass_context
+def cli(ctx: click.Context, config: str | None) -> None:
+    """Service-user gateway: serve, check the config, manage service users and their tokens."""
+    # main() has normally taken --config out of argv already (so it may follow the command).
+    if config is not None or not isinstance(ctx.obj, Session):
+        from pathlib import Path
+
+        ctx.obj = Session(Path(config or DEFAULT_CONFIG))
+
+
+@cli.command()
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="worker processes")
+@pass_session
+def serve(session: Session, workers: int) -> None:
+    """Run the proxy and admin listeners (creates or migrates the store)."""
+    config = session.config()
+    from gateway.app import serve as serve_app
+
+    try:
+        serve_app(config, workers=workers)
+    except GatewayError as exc:
+        fail(exc)
+
+
+@cli.command()
+@pass_session
+def check(session: Session) -> None:
+    """Validate gateway.yaml and policies/: exit 0, or 1 with one file:line problem per line."""
+    from gateway.policy import load_route_table
+
+    config = session.config()
+    try:
+        roles = load_route_table(config).role_names()
+    except GatewayError as exc:
+        fail(exc)
+    click.echo(f"ok: {len(config.routes)} routes, {len(roles)} roles")
+
+
+# -- user ----------------------------------------------------------------------------
+
+
+@cli.group()
+def user() -> None:
+    """Service users (and admin identities)."""
+
+
+@user.command("create")
+@click.argument("name")
+@click.option("--roles", help="comma-separated roles (default: service-user-project-admin)")
+@click.option("--description", help="what the user is for")
+@click.option("--origins", help="comma-separated browser origins its tokens may be used from")
+@click.option("--admin", is_flag=True, help="an admin identity (admin API only; holds no roles)")
+@pass_session
+def user_create(
+    session: Session, name: str, roles: str | None, description: str | None, origins: str | None, admin: bool
+) -> None:
+    """Create a service user."""
+    created = session.run(
+        lambda d: d.create_user(
+            name,
+            actor=actor(),
+            roles=None if roles is None else names([roles]),
+            description=description,
+            origins=names([origins or ""]),
+            admin=admin,
+        )
+    )
+    click.echo(f"User created: {created.name}")
+    if created.kind == "admin":
+        click.echo("Kind: admin")
+    else:
+        click.echo(f"Roles assigned: {role_list(created.role_names)}")
+    if created.allowed_origins:
+        click.echo(f"Allowed origins: {', '.join(created.allowed_origins)}")
+
+
+@user.command("list")
+@click.option("--id-prefix", "prefix", metavar="P", help="only names starting with P")
+@click.option("--roles", "roles", metavar="R", help="only users holding role R (comma: all of them)")
+@FORMAT
+@pass_session
+def user_list(session: Session, prefix: str | None, roles: str | None, output: str) -> None:
+    """List users, sorted by name."""
+    wanted = names([roles or ""])
+
+    async def work(directory: Directory) -> list[UserView]:
+        found = await directory.list_users(prefix=prefix, role=wanted[0] if wanted else None)
+        return [u for u in found if set(wanted) <= set(u.role_names)]
+
+    users = session.run(work)
+    if output == "json":
+        emit_json({"items": [u.to_json() for u in users]})
+    else:
+        click.echo(users_table(users))
+
+
+@user.command("get")
+@click.argument("name")
+@FORMAT
+@pass_session
+def user_get(session: Session, name: str, output: str) -> None:
+    """Show one user."""
+    found = session.run(lambda d: d.get_user(name))
+    if output == "json":
+        emit_json(found.to_json())
+    else:
+        click.echo(user_details(found))
+
+
+@user.command("update")
+@click.argument("name")
+@click.option("--add-roles", multiple=True, metavar="R", help="roles to grant (comma-separated, repeatable)")
+@click.option("--remove-roles", multiple=True, metavar="R", help="roles to revoke (also from its tokens)")
+@click.option("--add-origins", multiple=True, metavar="U", help="browser origins to allow")
+@click.option("--remove-origins", multiple=True, metavar="U", help="browser origins to remove")
+@click.option("--description", help='new description ("" clears it)')
+@click.option("--disable/--enable", "disabled", default=None, help="refuse (or accept again) its tokens")
+@pass_session
+def user_update(
+    session: Session,
+    name: str,
+    add_roles: tuple[str, ...],
+    remove_roles: tuple[str, ...],
+    add_origins: tuple[str, ...],
+    remove_origins: tuple[str, ...],
+    description: str | None,
+    disabled: bool | None,
+) -> None:
+    """Change a user's roles, origins, description or state."""
+    new_description: str | None | Unset = UNSET if description is None else (description or None)
+    updated = session.run(
+        lambda d: d.update_user(
+            name,
+            actor=actor(),
+            add_roles=names(add_roles),
+            remove_roles=names(remove_roles),
+            add_origins=names(add_origins),
+            remove_origins=names(remove_origins),
+            description=new_description,
+            disabled=disabled,
+        )
+    )
+    click.echo(f"User updated: {updated.name}")
+    click.echo(user_details(updated))
+
+
+@user.command("delete")
+@click.argument("name")
+@pass_session
+def user_delete(session: Session, name: str) -> None:
+    """Delete a user and all its tokens."""
+    session.run(lambda d: d.delete_user(name, actor=actor()))
+    click.echo(f"User deleted: {name} (its tokens were deleted too)")
+
+
+# -- token ---------------------------------------------------------------------------
+
+
+@cli.group()
+def token() -> None:
+    """Tokens of service users (secrets are shown once)."""
+
+
+@token.command("set")
+@click.argument("token_name")
+@TOKEN_USER
+@click.option("--expires-at", type=TimeType(), help="ISO 8601 date or date-time (UTC unless a zone is given)")
+@click.option("--description", help="what the token is for")
+@click.option("--roles", help="comma-separated subset of the user's roles (default: follow the user's roles)")
+@pass_session
+def token_set(
+    session: Session,
+    token_name: str,
+    user: str,
+    expires_at: datetime | None,
+    description: str | None,
+    roles: str | None,
+) -> None:
+    """Create a token and print its secret once."""
+
+    async def work(directory: Directory) -> tuple[TokenView, str, tuple[str, ...]]:
+        view, secret = await directory.create_token(
+            user,
+            token_name,
+            actor=actor(),
+            description=description,
+            expires_at=expires_at,
+            roles=None if roles is None else names([roles]),
+        )
+        carried = view.roles if view.roles is not None else (await directory.get_user(user)).role_names
+        return view, secret, carried
+
+    view, secret, carried = session.run(work)
+    print_secret(secret)
+    click.echo(f"Created for user: {user}")
+    click.echo(f"Roles: {role_list(carried)}" + (" (follows the user's roles)" if view.roles is None else ""))
+    if view.expires_at is not None:
+        click.echo(f"Expires at: {when(view.expires_at)}")
+
+
+@token.command("list")
+@TOKEN_USER
+@FORMAT
+@pass_session
+def token_list(session: Session, user: str, output: str) -> None:
+    """List a user's tokens (never their secrets)."""
+    found = session.run(lambda d: d.list_tokens(user))
+    if output == "json":
+        emit_json({"items": [t.to_json() for t in found]})
+    else:
+        click.echo(tokens_table(found))
+
+
+@token.command("reset")
+@click.argument("token_name")
+@TOKEN_USER
+@pass_session
+def token_reset(session: Session, token_name: str, user: str) -> None:
+    """Give a token a new secret; the old one stops working at once."""
+    view, secret = session.run(lambda d: d.reset_token(user, token_name, actor=actor()))
+    print_secret(secret)
+    click.echo(f"Token reset: {view.name} (id {view.id}) for user: {user}")
+
+
+@token.command("expire")
+@click.argument("token_name")
+@TOKEN_USER
+@pass_session
+def token_expire(session: Session, token_name: str, user: str) -> None:
+    """Make a token expire now; it stays listed as expired."""
+    view = session.run(lambda d: d.expire_token(user, token_name, actor=actor()))
+    click.echo(f"Token expired: {view.name} for user: {user} (expired on {when(view.expires_at)})")
+
+
+@token.command("delete")
+@click.argument("token_name")
+@TOKEN_USER
+@pass_session
+def token_delete(session: Session, token_name: str, user: str) -> None:
+    """Delete a token; it stops working at once."""
+    session.run(lambda d: d.delete_token(user, token_name, actor=actor()))
+    click.echo(f"Token deleted: {token_name} for user: {user}")
+
+
+# -- audit ---------------------------------------------------------------------------
+
+
+@cli.group()
+def audit() -> None:
+    """The audit trail of changes."""
+
+
+@audit.command("list")
+@click.option("--actor", "who", metavar="NAME", help="only events by this actor (e.g. cli:alice)")
+@click.option("--since", type=TimeType(), help="only events at or after this time")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@FORMAT
+@pass_session
+def audit_list(session: Session, who: str | None, since: datetime | None, limit: int, output: str) -> None:
+    """List audit events, newest first."""
+    events: list[AuditView] = session.run(lambda d: d.list_audit(actor=who, since=since, limit=limit))
+    if output == "json":
+        emit_json({"items": [e.to_json() for e in events]})
+    else:
+        click.echo(audit_table(events))

@@ -1,0 +1,101 @@
+"""What every command shares: the config (loaded once), the store session, the actor, errors.
+
+Imports: config, policy (lazily), store, services, errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError, GatewayError, StoreUnavailable
+from gateway.services import Directory
+from gateway.store import open_store
+
+T = TypeVar("T")
+
+
+def actor() -> str:
+    """`cli:<os user>`, the actor of the audit events this command line writes."""
+    try:
+        name = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (containers)
+        name = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return f"cli:{name}"
+
+
+def fail(exc: GatewayError, hint: str | None = None) -> NoReturn:
+    """Print `exc` as ``error: …`` lines on stderr (one per config problem) and exit 1."""
+    lines = exc.problems if isinstance(exc, ConfigError) else [exc.message]
+    suffix = f" ({hint})" if hint else ""
+    for line in lines or ["invalid configuration"]:
+        click.echo(f"error: {line}{suffix}", err=True)
+    sys.exit(1)
+
+
+def safe_url(url: str) -> str:
+    """`url` with any password hidden, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "store"
+
+
+@dataclass
+class Session:
+    """The config path given on the command line, and what is loaded from it on demand."""
+
+    config_path: Path
+    _config: Config | None = field(default=None, repr=False)
+
+    def config(self) -> Config:
+        """The loaded gateway.yaml; a ConfigError exits 1 with its file:line problems."""
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except GatewayError as exc:
+                fail(exc)
+        return self._config
+
+    def defined_roles(self) -> Callable[[], frozenset[str]]:
+        """Role names of policies/, loaded on first use, so that commands granting no
+        role (list, delete, token reset...) keep working while policies/ is broken."""
+        cache: list[frozenset[str]] = []
+
+        def roles() -> frozenset[str]:
+            if not cache:
+                from gateway.policy import load_route_table
+
+                cache.append(load_route_table(self.config()).role_names())
+            return cache[0]
+
+        return roles
+
+    def run(self, work: Callable[[Directory], Awaitable[T]]) -> T:
+        """Open (and migrate) the store, run `work` on a Directory, close; errors exit 1."""
+        config = self.config()
+
+        async def go() -> T:
+            store = await open_store(config.store_url, migrate=True)
+            try:
+                return await work(Directory(store, self.defined_roles()))
+            finally:
+                await store.close()
+
+        try:
+            return asyncio.run(go())
+        except StoreUnavailable as exc:
+            fail(exc, hint=safe_url(config.store_url))
+        except GatewayError as exc:
+            fail(exc)

@@ -1,0 +1,445 @@
+"""gateway.yaml → frozen dataclasses, with every problem reported as "file:line: what is wrong".
+
+Imports: errors, yamlfile, sqlalchemy.engine.make_url (parsing only; no engine is built).
+
+Owns the schema of gateway.yaml (CONTRACT.md "Files"), its defaults, the
+environment overrides (GATEWAY_STORE_URL, GATEWAY_PROXY_LISTEN,
+GATEWAY_ADMIN_LISTEN), and resolving relative paths against the directory of the
+config file, so the CLI and the server always open the same store. Validation
+collects all problems before raising one ConfigError, so `gateway check` shows
+everything that is wrong at once. Field meanings are documented at the fields.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from gateway.errors import ConfigError
+from gateway.yamlfile import HTTP_TOKEN_RE, LineDict, LineList, Validator, describe, load_yaml_mapping
+
+Address = tuple[str, int]  # host, port
+
+_ALLOW = ("Authorization", "Content-Type")
+_EXPOSE = ("X-Request-Id",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_DEFAULT_MAX_BODY = 1_073_741_824
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    """A route's `cors` block: the gateway answers CORS itself on this route."""
+
+    store: bool  # origins come from service users' allowed_origins (`origins: store`, the default)
+    extra: tuple[str, ...]  # fixed origins valid for every user on the route (normalised)
+    allow_headers: tuple[str, ...] = _ALLOW
+    expose_headers: tuple[str, ...] = _EXPOSE
+    max_age: int = 600  # seconds a browser may cache a preflight answer
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One `routes[]` entry: a path prefix mapped to one upstream."""
+
+    name: str  # policies/ refer to the route by this name
+    prefix: str  # "/orders" matches /orders, /orders/ and /orders/..., never /ordersX
+    upstream: str  # http(s)://host[:port][/base-path], trailing "/" stripped
+    timeout: float = 30.0  # seconds to response headers and between body chunks
+    strip_prefix: bool = False  # send the path without the prefix ("/orders" → "/")
+    preserve_host: bool = False  # forward the client's Host instead of the upstream's
+    max_body: int | None = None  # request body limit in bytes; None = Config.max_body
+    max_connections: int = 100  # size of this route's upstream connection pool
+    cors: CorsConfig | None = None  # None: CORS is left to the upstream
+    source: str = ""  # "file:line" of the route, for messages
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """Names of the identity headers sent upstream."""
+
+    user_header: str = "X-Service-User"
+    roles_header: str = "X-Service-User-Roles"
+    token_id_header: str = "X-Service-Token-Id"  # noqa: S105 -- a header name, not a secret
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Identity cache tuning (decisions are never cached)."""
+
+    ttl: float = 60.0  # seconds a known token's identity is kept
+    negative_ttl: float = 5.0  # seconds an unknown token is remembered as unknown
+    max_entries: int = 100_000
+    outage_grace: float = 5.0  # seconds cached identities still serve while the store is unreachable
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole of gateway.yaml, resolved (absolute paths, env overrides applied)."""
+
+    path: Path  # absolute path of the config file
+    proxy_listen: Address = ("127.0.0.1", 8080)
+    admin_listen: Address = ("127.0.0.1", 8081)
+    store_url: str = ""  # sqlite+aiosqlite:////abs/path.db or postgresql+asyncpg://...
+    policies_path: Path = Path("policies")  # absolute after load_config
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    routes: tuple[RouteConfig, ...] = ()
+    max_body: int = _DEFAULT_MAX_BODY  # default request body limit, bytes (1 GiB)
+    keepalive_timeout: float = 75.0  # client keep-alive idle timeout, seconds
+    admin_cors_origins: tuple[str, ...] = ()  # origins allowed to call the admin API from a browser
+    log_level: str = "info"
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+
+
+def parse_listen(text: str) -> Address:
+    """Parse "HOST:PORT" (IPv6 as "[::1]:8080") into (host, port); ValueError with a clear message."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
+    # Port 0 (the system picks a free port) is for tests and tools that read the bound port back.
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535 (or 0: any free port)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), int(port_text)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host} is not an IPv6 address") from None
+    if ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
+    if not _HOST_RE.match(host):
+        raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
+    return host, int(port_text)
+
+
+def normalize_origin(text: str) -> str:
+    """Normalise a browser origin to "scheme://host[:port]"; ValueError(message) when it is not one."""
+    if text == "null":
+        raise ValueError("'null' is not an allowed origin (sandboxed pages and local files all send it)")
+    if "*" in text:
+        raise ValueError(f"{text!r}: wildcard origins are not allowed; list each origin")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+        scheme, host = parts.scheme.lower(), parts.hostname or ""
+        if scheme not in ("http", "https") or not text.lower().startswith(f"{scheme}://") or not host:
+            raise ValueError("it must start with http:// or https:// and name a host")
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not an origin: {exc}") from None
+    if any(ch.isspace() or ord(ch) < 0x20 for ch in text) or "@" in parts.netloc:
+        raise ValueError(f"{text!r} is not an origin: no spaces, user names or passwords")
+    if parts.query or parts.fragment or "?" in text or "#" in text or parts.path not in ("", "/"):
+        raise ValueError(f"{text!r}: an origin has no path, query or fragment (only scheme://host[:port])")
+    if ":" in host:
+        try:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        try:
+            # Browsers send IDN hosts in their ASCII (punycode) form.
+            host = host if host.isascii() else host.encode("idna").decode("ascii")
+        except UnicodeError:
+            host = ""
+        if not _HOST_RE.match(host):
+            raise ValueError(f"{text!r}: {parts.hostname!r} is not a valid host name")
+    if port == 0:
+        raise ValueError(f"{text!r}: port 0 is not a port")
+    suffix = f":{port}" if port is not None and port != (80 if scheme == "http" else 443) else ""
+    return f"{scheme}://{host}{suffix}"
+
+
+_SQLITE, _POSTGRES = "sqlite+aiosqlite", "postgresql+asyncpg"
+_DRIVERS = {"sqlite": _SQLITE, _SQLITE: _SQLITE, "postgres": _POSTGRES, "postgresql": _POSTGRES}
+_DRIVERS[_POSTGRES] = _POSTGRES
+_STORE_HINT = "use sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB"
+
+
+def _store_url(text: str, base: Path) -> str:
+    """Resolve a store URL; ValueError(message) when unusable. Relative SQLite paths join `base`."""
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"is not a database URL; {_STORE_HINT}") from None
+    driver = _DRIVERS.get(url.drivername)
+    if driver is None:
+        raise ValueError(f"unsupported database {url.drivername!r}; {_STORE_HINT}")
+    url = url.set(drivername=driver)
+    if driver == _SQLITE:
+        database = url.database or ""
+        if database in ("", ":memory:") or url.query.get("mode") == "memory":
+            # The CLI and the server are separate processes: they must share one file.
+            raise ValueError("an in-memory SQLite store cannot be shared by the CLI and the server")
+        if database.startswith("file:"):
+            raise ValueError("write the SQLite file as a path (sqlite+aiosqlite:///FILE), not a file: URI")
+        url = url.set(database=os.path.normpath(base / database))
+    return url.render_as_string(hide_password=False)
+
+
+def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate gateway.yaml; raise ConfigError listing every problem as "file:line: ...".
+
+    `env` (default os.environ) supplies GATEWAY_STORE_URL / GATEWAY_PROXY_LISTEN /
+    GATEWAY_ADMIN_LISTEN; an empty variable counts as unset.
+    """
+    env = os.environ if env is None else env
+    display = str(path)
+    absolute = Path(os.path.abspath(path))
+    base = absolute.parent
+    root = load_yaml_mapping(Path(path), display)
+    f = Validator(display)
+    f.keys(root, "", ("listeners", "store", "policies", "trusted_proxies", "identity", "cache",
+                      "routes", "limits", "admin", "log_level"))
+
+    listeners = f.mapping(root, "listeners", "", ("proxy", "admin"))
+    listen = {key: _listen(f, listeners, key) for key in ("proxy", "admin")}
+    store = f.mapping(root, "store", "", ("url",))
+    store_url = ""
+    try:
+        store_url = _store_url(f.string(store, "url", "store") or "sqlite+aiosqlite:///gateway.db", base)
+    except ValueError as exc:
+        f.add(store.line_of("url"), "store.url", str(exc))
+    policies = f.string(root, "policies", "")
+    if policies == "":
+        f.add(root.line_of("policies"), "policies", "must name a folder or file")
+
+    trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for item, line, where in f.items(root, "trusted_proxies", ""):
+        try:
+            trusted.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            f.add(line, where, f"{item!r} is not an IP address or CIDR")
+
+    identity = _identity(f, f.mapping(root, "identity", "", _IDENTITY_KEYS))
+    node = f.mapping(root, "cache", "", ("ttl", "negative_ttl", "max_entries", "outage_grace"))
+    cache = CacheConfig(
+        ttl=f.number(node, "ttl", "cache", _CACHE.ttl, allow_zero=True),
+        negative_ttl=f.number(node, "negative_ttl", "cache", _CACHE.negative_ttl, allow_zero=True),
+        max_entries=f.integer(node, "max_entries", "cache", _CACHE.max_entries),
+        outage_grace=f.number(node, "outage_grace", "cache", _CACHE.outage_grace, allow_zero=True),
+    )
+    limits = f.mapping(root, "limits", "", ("max_body", "keepalive_timeout"))
+    admin = f.mapping(root, "admin", "", ("cors_origins",))
+    log_level = (f.string(root, "log_level", "") or "info").lower()
+    if log_level not in LOG_LEVELS:
+        f.add(root.line_of("log_level"), "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    routes = _routes(f, root)
+    max_body = f.integer(limits, "max_body", "limits", _DEFAULT_MAX_BODY)
+    keepalive = f.number(limits, "keepalive_timeout", "limits", 75.0)
+    admin_origins = _origin_list(f, admin, "cors_origins", "admin")
+
+    for variable, key in (("GATEWAY_PROXY_LISTEN", "proxy"), ("GATEWAY_ADMIN_LISTEN", "admin")):
+        if env.get(variable):
+            try:
+                listen[key] = parse_listen(env[variable])
+            except ValueError as exc:
+                f.problems.append(f"{variable}: {exc}")
+    if env.get("GATEWAY_STORE_URL"):
+        try:
+            # Not written in a file, so a relative SQLite path is relative to where we run.
+            store_url = _store_url(env["GATEWAY_STORE_URL"], Path.cwd())
+        except ValueError as exc:
+            f.problems.append(f"GATEWAY_STORE_URL: {exc}")
+
+    if f.problems:
+        raise ConfigError(f.sorted_problems())
+    return Config(
+        path=absolute,
+        proxy_listen=listen["proxy"],
+        admin_listen=listen["admin"],
+        store_url=store_url,
+        policies_path=Path(os.path.normpath(base / (policies or "policies"))),
+        trusted_proxies=tuple(trusted),
+        identity=identity,
+        cache=cache,
+        routes=routes,
+        max_body=max_body,
+        keepalive_timeout=keepalive,
+        admin_cors_origins=admin_origins,
+        log_level=log_level,
+    )
+
+
+_CACHE = CacheConfig()
+_IDENTITY_KEYS = ("user_header", "roles_header", "token_id_header")
+_LISTEN_DEFAULTS: dict[str, Address] = {"proxy": ("127.0.0.1", 8080), "admin": ("127.0.0.1", 8081)}
+# Headers the gateway manages itself: an identity header with one of these names
+# would either be dropped as hop-by-hop or collide with what the proxy sets.
+_RESERVED_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "host", "connection", "keep-alive", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "content-type", "cookie", "expect", "origin",
+    "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "x-request-id",
+})
+
+
+def _listen(f: Validator, node: LineDict, key: str) -> Address:
+    text = f.string(node, key, "listeners")
+    if text is not None:
+        try:
+            return parse_listen(text)
+        except ValueError as exc:
+            f.add(node.line_of(key), f"listeners.{key}", str(exc))
+    return _LISTEN_DEFAULTS[key]
+
+
+def _header_names(f: Validator, node: LineDict, key: str, where: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for item, line, path in f.items(node, key, where):
+        if not isinstance(item, str) or not HTTP_TOKEN_RE.match(item):
+            f.add(line, path, f"{item!r} is not a valid HTTP header name")
+        elif item.lower() not in (name.lower() for name in names):
+            names.append(item)
+    return tuple(names)
+
+
+def _identity(f: Validator, node: LineDict) -> IdentityConfig:
+    values: list[str] = []
+    seen: dict[str, str] = {}
+    for key in _IDENTITY_KEYS:
+        value = f.string(node, key, "identity")
+        if value is None:
+            value = str(getattr(IdentityConfig(), key))
+        elif not HTTP_TOKEN_RE.match(value):
+            f.add(node.line_of(key), f"identity.{key}", f"{value!r} is not a valid HTTP header name")
+        elif value.lower() in _RESERVED_HEADERS:
+            f.add(node.line_of(key), f"identity.{key}", f"{value!r} is set by the gateway itself")
+        # The proxy strips inbound copies that differ by case, "_" or "." (upstreams
+        # fold those together), so the three names must differ after that folding too.
+        folded = value.lower().replace("_", "-").replace(".", "-")
+        if folded in seen:
+            f.add(node.line_of(key), f"identity.{key}", f"must differ from identity.{seen[folded]}")
+        seen.setdefault(folded, key)
+        values.append(value)
+    return IdentityConfig(*values)
+
+
+def _origin_list(f: Validator, node: LineDict, key: str, where: str) -> tuple[str, ...]:
+    origins: list[str] = []
+    for item, line, path in f.items(node, key, where):
+        try:
+            origin = normalize_origin(item) if isinstance(item, str) else ""
+        except ValueError as exc:
+            f.add(line, path, str(exc))
+            continue
+        if not origin:
+            f.add(line, path, f"must be an origin like https://app.example.com, not {describe(item)}")
+        elif origin not in origins:
+            origins.append(origin)
+    return tuple(origins)
+
+
+_ROUTE_KEYS = ("name", "prefix", "upstream", "timeout", "strip_prefix", "preserve_host", "max_body",
+               "max_connections", "cors")
+
+
+def _routes(f: Validator, root: LineDict) -> tuple[RouteConfig, ...]:
+    routes: list[RouteConfig] = []
+    names: dict[str, int] = {}
+    prefixes: dict[str, tuple[str, int]] = {}
+    for item, line, where in f.items(root, "routes", ""):
+        if not isinstance(item, LineDict):
+            f.add(line, where, "must be a mapping with name, prefix and upstream")
+            continue
+        f.keys(item, where, _ROUTE_KEYS)
+        name = f.string(item, "name", where, required=True) or ""
+        if name and not NAME_RE.match(name):
+            f.add(item.line_of("name"), f"{where}.name", f"must match {NAME_RE.pattern}")
+        elif name in names:
+            f.add(item.line_of("name"), f"{where}.name",
+                  f"route {name!r} is already defined at line {names[name]}")
+        names.setdefault(name, item.line_of("name"))
+        prefix = f.string(item, "prefix", where, required=True) or ""
+        problem = _prefix_problem(prefix) if prefix else None
+        if problem:
+            f.add(item.line_of("prefix"), f"{where}.prefix", problem)
+        elif prefix in prefixes:
+            other, other_line = prefixes[prefix]
+            f.add(item.line_of("prefix"), f"{where}.prefix",
+                  f"{prefix!r} is already the prefix of route {other!r} (line {other_line})")
+        prefixes.setdefault(prefix, (name, item.line_of("prefix")))
+        upstream = f.string(item, "upstream", where, required=True) or ""
+        try:
+            upstream = _upstream(upstream) if upstream else ""
+        except ValueError as exc:
+            f.add(item.line_of("upstream"), f"{where}.upstream", str(exc))
+        routes.append(RouteConfig(
+            name=name,
+            prefix=prefix,
+            upstream=upstream,
+            timeout=f.number(item, "timeout", where, 30.0),
+            strip_prefix=f.boolean(item, "strip_prefix", where, False),
+            preserve_host=f.boolean(item, "preserve_host", where, False),
+            max_body=f.integer(item, "max_body", where, 0) or None,
+            max_connections=f.integer(item, "max_connections", where, 100),
+            cors=_cors(f, item["cors"], item.line_of("cors"), f"{where}.cors") if "cors" in item else None,
+            source=f"{f.file}:{line}",
+        ))
+    return tuple(routes)
+
+
+def _prefix_problem(prefix: str) -> str | None:
+    if not prefix.startswith("/"):
+        return "must start with '/'"
+    if prefix != "/" and prefix.endswith("/"):
+        return "must not end with '/' (the prefix '/orders' already matches '/orders/...')"
+    if "//" in prefix:
+        return "must not contain '//'"
+    for bad in ("%", "?", "#", ";", "\\", "*"):
+        if bad in prefix:
+            return f"must not contain {bad!r} (prefixes match the decoded, canonical path)"
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in prefix):
+        return "must not contain spaces or control characters"
+    if any(segment in (".", "..") for segment in prefix.split("/")):
+        return "must not contain '.' or '..' segments"
+    return None
+
+
+def _upstream(text: str) -> str:
+    """Validate and normalise an upstream URL; ValueError(message) when it is not one."""
+    message = "must be an http(s) URL: http(s)://host[:port][/base-path]"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError(message) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text):
+        raise ValueError(message)
+    if "@" in parts.netloc:
+        raise ValueError("must not contain credentials (user:password@)")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError("must not contain a query or fragment")
+    return f"{parts.scheme.lower()}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def _cors(f: Validator, node: object, line: int, where: str) -> CorsConfig | None:
+    if not isinstance(node, LineDict):
+        f.add(line, where, "must be a mapping (write `cors: {}` for the defaults)")
+        return None
+    f.keys(node, where, ("origins", "allow_headers", "expose_headers", "max_age"))
+    store, extra = True, tuple[str, ...]()
+    origins = node.get("origins")
+    if isinstance(origins, LineList):
+        store, extra = False, _origin_list(f, node, "origins", where)
+    elif isinstance(origins, LineDict):
+        # The mapping form defaults to store: true like the other forms.
+        f.keys(origins, f"{where}.origins", ("store", "extra"))
+        store = f.boolean(origins, "store", f"{where}.origins", True)
+        extra = _origin_list(f, origins, "extra", f"{where}.origins")
+    elif "origins" in node and origins != "store":
+        f.add(node.line_of("origins"), f"{where}.origins",
+              "must be `store`, a list of origins, or {store: true|false, extra: [...]}")
+    allow = _header_names(f, node, "allow_headers", where) if "allow_headers" in node else _ALLOW
+    expose = _header_names(f, node, "expose_headers", where) if "expose_headers" in node else _EXPOSE
+    return CorsConfig(store=store, extra=extra, allow_headers=allow, expose_headers=expose,
+                      max_age=f.integer(node, "max_age", where, 600, allow_zero=True))

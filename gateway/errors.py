@@ -1,0 +1,186 @@
+"""The gateway's one error hierarchy; every refusal the outside sees is one of these.
+
+Imports: stdlib only.
+
+```
+GatewayError                      500 internal_error
+├─ ConfigError                    startup/reload/check only: "file:line: what is wrong"
+├─ RouteNotFound                  404 no_route
+├─ BadRequest                     400 bad_request
+├─ PayloadTooLarge                413 body_too_large
+├─ Unauthenticated                401 missing_token | invalid_token | token_expired | user_disabled
+├─ Forbidden                      403 forbidden
+│  └─ OriginNotAllowed            403 origin_not_allowed
+├─ AdminUnauthorized              401 missing_token | invalid_token (admin listener realm)
+├─ Invalid                        422 invalid (+ field)      admin bodies, CLI arguments
+├─ NotFound                       404 not_found              admin resources, CLI
+├─ Conflict                       409 conflict
+├─ StoreUnavailable               503 store_unavailable
+└─ UpstreamError                  502 upstream_unavailable
+   └─ UpstreamTimeout             504 upstream_timeout
+```
+
+Each instance carries a *public* message (safe to show a client); internal detail
+travels in ``raise ... from exc`` and is only logged.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class Refusal(enum.StrEnum):
+    """The closed set of `error` codes of CONTRACT.md; metrics label refusals with these."""
+
+    BAD_REQUEST = "bad_request"
+    BODY_TOO_LARGE = "body_too_large"
+    MISSING_TOKEN = "missing_token"
+    INVALID_TOKEN = "invalid_token"
+    TOKEN_EXPIRED = "token_expired"
+    USER_DISABLED = "user_disabled"
+    FORBIDDEN = "forbidden"
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    NO_ROUTE = "no_route"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    INVALID = "invalid"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    STORE_UNAVAILABLE = "store_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[Refusal] = Refusal.INTERNAL_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def refusal(self) -> Refusal:
+        """The JSON `error` code of this error."""
+        return self.code
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this refusal carries."""
+        return {}
+
+
+class ConfigError(GatewayError):
+    """A config or policy file is wrong; `problems` holds "file:line: what is wrong" lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class RouteNotFound(GatewayError):
+    """No route prefix matches the request path."""
+
+    status = 404
+    code = Refusal.NO_ROUTE
+
+
+class BadRequest(GatewayError):
+    """Ambiguous or malformed path, malformed header."""
+
+    status = 400
+    code = Refusal.BAD_REQUEST
+
+
+class PayloadTooLarge(GatewayError):
+    """The request body is larger than the route's `max_body`."""
+
+    status = 413
+    code = Refusal.BODY_TOO_LARGE
+
+
+class Unauthenticated(GatewayError):
+    """No usable credentials on the proxy listener (401 + WWW-Authenticate)."""
+
+    status = 401
+    realm: ClassVar[str] = "gateway"
+
+    def __init__(self, code: Refusal, message: str) -> None:
+        super().__init__(message)
+        self._code = code
+
+    @property
+    def refusal(self) -> Refusal:
+        return self._code
+
+    def headers(self) -> dict[str, str]:
+        # RFC 6750 section 3: no error attribute when the request carried no credentials.
+        if self._code is Refusal.MISSING_TOKEN:
+            return {"WWW-Authenticate": f'Bearer realm="{self.realm}"'}
+        return {"WWW-Authenticate": f'Bearer realm="{self.realm}", error="invalid_token"'}
+
+
+class AdminUnauthorized(Unauthenticated):
+    """No usable admin credentials on the admin listener."""
+
+    realm = "gateway-admin"
+
+
+class Forbidden(GatewayError):
+    """The identity is known but lacks the permission (or no rule matched)."""
+
+    status = 403
+    code = Refusal.FORBIDDEN
+
+
+class OriginNotAllowed(Forbidden):
+    """The browser Origin is not allowed for this user on this route."""
+
+    code = Refusal.ORIGIN_NOT_ALLOWED
+
+
+class Invalid(GatewayError):
+    """A field of an admin body or CLI argument is invalid (422, names the field)."""
+
+    status = 422
+    code = Refusal.INVALID
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(GatewayError):
+    """An admin resource (user, token) does not exist."""
+
+    status = 404
+    code = Refusal.NOT_FOUND
+
+
+class Conflict(GatewayError):
+    """The resource already exists."""
+
+    status = 409
+    code = Refusal.CONFLICT
+
+
+class StoreUnavailable(GatewayError):
+    """The store cannot be reached and the answer is not in the cache."""
+
+    status = 503
+    code = Refusal.STORE_UNAVAILABLE
+
+
+class UpstreamError(GatewayError):
+    """The upstream refused or broke the connection."""
+
+    status = 502
+    code = Refusal.UPSTREAM_UNAVAILABLE
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream was slower than the route's timeout."""
+
+    status = 504
+    code = Refusal.UPSTREAM_TIMEOUT

@@ -1,0 +1,185 @@
+"""Header hygiene both ways: what the upstream may see, and what the client gets back.
+
+Imports: config and multidict only. Built once per configuration; runs on every request.
+
+Order matters and is the security property: everything a client could use to spoof
+an identity is stripped *before* the gateway sets its own values, so a client's
+`Connection:` list or a header spelt `X_Service_User` can never win.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.config import IdentityConfig
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# From an untrusted peer these are dropped and rebuilt (spelt with '_' or '.' too).
+_FORWARDING = frozenset(
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "forwarded",
+        "x-real-ip",
+    }
+)
+_DEFAULT_IDENTITY = frozenset({"x-service-user", "x-service-user-roles", "x-service-token-id"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_FOLD = str.maketrans("_.", "--")
+
+TrustedNetworks = tuple[IPv4Network | IPv6Network, ...]
+
+
+def fold(name: str) -> str:
+    """Lower-case a header name and read '_' and '.' as '-', as Python and PHP upstreams do."""
+    return name.lower().translate(_FOLD)
+
+
+def new_request_id() -> str:
+    """A fresh request id (128 random bits, hex)."""
+    return os.urandom(16).hex()
+
+
+def request_id_from(headers: CIMultiDictProxy[str]) -> str:
+    """The client's X-Request-Id when it is sane, else a new one."""
+    given = headers.get("X-Request-Id")
+    if given is not None and _REQUEST_ID.fullmatch(given) is not None:
+        return given
+    return new_request_id()
+
+
+class HeaderPolicy:
+    """Builds upstream request headers and client response headers for one configuration."""
+
+    def __init__(self, identity: IdentityConfig, trusted_proxies: TrustedNetworks) -> None:
+        self.identity = identity
+        self._trusted = trusted_proxies
+        self._trusted_cache: dict[str, bool] = {}
+        identity_names = {
+            fold(identity.user_header),
+            fold(identity.roles_header),
+            fold(identity.token_id_header),
+        }
+        self._identity = frozenset(identity_names | _DEFAULT_IDENTITY)
+        # Names the gateway always drops from the client's request before setting its own.
+        self._always_drop = self._identity | _HOP_BY_HOP | {"authorization", "expect", "x-request-id"}
+
+    def is_trusted(self, peer: str | None) -> bool:
+        """Whether `peer` is listed in trusted_proxies (its X-Forwarded-* are kept)."""
+        if peer is None or not self._trusted:
+            return False
+        known = self._trusted_cache.get(peer)
+        if known is None:
+            try:
+                address: IPv4Address | IPv6Address = ip_address(peer)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in network for network in self._trusted)
+            if len(self._trusted_cache) < 4096:
+                self._trusted_cache[peer] = known
+        return known
+
+    def upstream_headers(
+        self,
+        inbound: CIMultiDictProxy[str],
+        *,
+        peer: str | None,
+        scheme: str,
+        preserve_host: bool,
+        request_id: str,
+        identity: tuple[str, str, str] | None,
+    ) -> CIMultiDict[str]:
+        """Headers for the upstream request; `identity` is (user, roles, token id) or None."""
+        trusted = self.is_trusted(peer)
+        drop = self._always_drop
+        named = inbound.get("Connection")
+        if named:
+            # A client may name headers in Connection; never let that reach our own.
+            drop = drop | {fold(n.strip()) for n in named.split(",") if n.strip()}
+        out: CIMultiDict[str] = CIMultiDict()
+        client_host = inbound.get("Host")
+        for name, value in inbound.items():
+            folded = fold(name)
+            if folded in drop:
+                continue
+            if folded == "host" and not preserve_host:
+                continue
+            if folded in _FORWARDING and not trusted:
+                continue
+            out.add(name, value)
+        if identity is not None:
+            user, roles, token_id = identity
+            out[self.identity.user_header] = user
+            out[self.identity.roles_header] = roles
+            out[self.identity.token_id_header] = token_id
+        out["X-Request-Id"] = request_id
+        self._set_forwarding(out, inbound, trusted, peer, scheme, client_host)
+        return out
+
+    @staticmethod
+    def _set_forwarding(
+        out: CIMultiDict[str],
+        inbound: CIMultiDictProxy[str],
+        trusted: bool,
+        peer: str | None,
+        scheme: str,
+        client_host: str | None,
+    ) -> None:
+        peer_text = peer or "unknown"
+        if trusted and "X-Forwarded-For" in inbound:
+            prior = ", ".join(inbound.getall("X-Forwarded-For"))
+            out.popall("X-Forwarded-For", None)
+            out["X-Forwarded-For"] = f"{prior}, {peer_text}"
+        else:
+            out["X-Forwarded-For"] = peer_text
+        if not (trusted and "X-Forwarded-Proto" in out):
+            out["X-Forwarded-Proto"] = scheme
+        if not (trusted and "X-Forwarded-Host" in out) and client_host is not None:
+            out["X-Forwarded-Host"] = client_host
+
+
+def response_headers(
+    upstream: CIMultiDictProxy[str], *, drop_cors: bool, request_id: str
+) -> CIMultiDict[str]:
+    """Headers for the client from the upstream's response (hop-by-hop removed)."""
+    drop = _HOP_BY_HOP
+    named = upstream.get("Connection")
+    if named:
+        drop = drop | {n.strip().lower() for n in named.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lowered = name.lower()
+        if lowered in drop:
+            continue
+        if drop_cors and lowered.startswith("access-control-"):
+            continue
+        out.add(name, value)
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def comma_join(values: Iterable[str]) -> str:
+    """Join role names the way X-Service-User-Roles carries them: sorted, ',' with no spaces."""
+    return ",".join(sorted(values))

@@ -1,0 +1,192 @@
+"""The proxy handler: every request on the proxy listener runs this pipeline, top to bottom.
+
+Imports: config, policy, paths, auth, headers, proxy, errors, logs.
+
+```
+1 ROUTE     table.route(path)                        → 404 no_route
+2 CANON     paths.canonicalize(raw path)             → 400 bad_request
+3 RULE      route.first_match(method, path)          → public: skip to 6
+4 AUTHN     bearer → Principal (cache, then store)   → 401 missing_token | invalid_token |
+                                                       token_expired | user_disabled; 503 store_unavailable
+5 AUTHZ     permission of the rule; no rule → deny   → 403 forbidden
+6 MUTATE    strip client identity/hop-by-hop/forwarding headers, then set ours
+7 FORWARD   stream to the upstream and back          → 502 upstream_unavailable | 504 upstream_timeout
+8 RECORD    one JSON line per request
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.config import Config
+from gateway.errors import BadRequest, Forbidden, GatewayError, Refusal, RouteNotFound
+from gateway.headers import HeaderPolicy, comma_join, request_id_from
+from gateway.logs import ACCESS_LOGGER
+from gateway.paths import canonicalize, split_target
+from gateway.policy import RoutePolicy, RouteTable, Rule
+from gateway.proxy import Forwarder, Outcome
+from gateway.store import Principal
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+log = logging.getLogger("gateway.pipeline")
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What one configuration version gives the pipeline; swapped whole on reload."""
+
+    config: Config
+    table: RouteTable
+    headers: HeaderPolicy
+
+
+class Pipeline:
+    """The proxy listener's request handler (one per process)."""
+
+    def __init__(self, settings: Settings, authenticator: Authenticator, forwarder: Forwarder) -> None:
+        self.settings = settings
+        self._authenticator = authenticator
+        self._forwarder = forwarder
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Run the pipeline for one request; never raises a GatewayError."""
+        started = time.perf_counter()
+        settings = self.settings  # one version for the whole request, even across a reload
+        request_id = request_id_from(request.headers)
+        raw_path, query = split_target(request.raw_path)
+        route: RoutePolicy | None = None
+        principal: Principal | None = None
+        outcome = Outcome()
+        try:
+            route, canonical, encoded = _resolve(settings.table, raw_path)
+            rule = route.first_match(request.method, canonical)
+            if rule is None or not rule.public:
+                principal = await self._authenticator.authenticate(
+                    request.headers.getall("Authorization", [])
+                )
+                _authorize(settings.table, principal, rule, request.method, canonical)
+            elif len(request.headers.getall("Authorization", [])) > 1:
+                raise BadRequest("more than one Authorization header")
+            config = route.config
+            identity = None
+            if principal is not None:
+                identity = (principal.user, comma_join(principal.roles), principal.token_id)
+            headers = settings.headers.upstream_headers(
+                request.headers,
+                peer=request.remote,
+                scheme=request.scheme,
+                preserve_host=config.preserve_host,
+                request_id=request_id,
+                identity=identity,
+            )
+            upstream_path = encoded
+            if config.strip_prefix and config.prefix != "/":
+                upstream_path = encoded[len(config.prefix) :] or "/"
+                if not upstream_path.startswith("/"):
+                    upstream_path = "/" + upstream_path
+            if request.headers.get("Expect", "").lower() == "100-continue" and request.writer is not None:
+                # Only now, after authorisation, may the client start sending its body.
+                await request.writer.write(_CONTINUE)
+            response = await self._forwarder.forward(
+                request,
+                config,
+                upstream_path=upstream_path,
+                query=query,
+                headers=headers,
+                body_limit=config.max_body or settings.config.max_body,
+                drop_cors=config.cors is not None,
+                request_id=request_id,
+                outcome=outcome,
+            )
+        except GatewayError as error:
+            response = refusal(error, request_id)
+            if request.body_exists and not request.content.is_eof():
+                # An unread body must not be taken for the next request on this connection.
+                response.force_close()
+            _record(request, started, raw_path, request_id, route, principal, response.status, error.refusal, outcome)
+            return response
+        _record(request, started, raw_path, request_id, route, principal, response.status, None, outcome)
+        return response
+
+
+def _resolve(table: RouteTable, raw_path: str) -> tuple[RoutePolicy, str, str]:
+    try:
+        canonical, encoded = canonicalize(raw_path)
+    except BadRequest:
+        # Route first, then path checks: an unroutable bad path is still a 404.
+        if table.route(raw_path.split("%", 1)[0] or "/") is None:
+            raise RouteNotFound(f"no route for path {_printable(raw_path)}") from None
+        raise
+    route = table.route(canonical)
+    if route is None:
+        raise RouteNotFound(f"no route for path {_printable(canonical)}")
+    return route, canonical, encoded
+
+
+def _authorize(
+    table: RouteTable, principal: Principal, rule: Rule | None, method: str, path: str
+) -> None:
+    if principal.kind != "service":
+        raise Forbidden("admin tokens are for the admin API only; they never pass the proxy")
+    if rule is None:
+        raise Forbidden(f"no rule allows {method} {_printable(path)}")
+    required = rule.require
+    if required is None or not table.allows(principal.roles, required):
+        raise Forbidden(f"permission '{required}' is required")
+
+
+def _printable(path: str) -> str:
+    return path if len(path) <= 200 else path[:200] + "…"
+
+
+def refusal(error: GatewayError, request_id: str) -> web.Response:
+    """The CONTRACT.md JSON refusal for `error`, with X-Request-Id."""
+    headers = error.headers()
+    headers["X-Request-Id"] = request_id
+    return web.json_response(
+        {"error": error.refusal.value, "detail": error.message}, status=error.status, headers=headers
+    )
+
+
+def _record(
+    request: web.Request,
+    started: float,
+    raw_path: str,
+    request_id: str,
+    route: RoutePolicy | None,
+    principal: Principal | None,
+    status: int,
+    error: Refusal | None,
+    outcome: Outcome,
+) -> None:
+    code = error.value if error is not None else outcome.error
+    if outcome.client_gone:
+        code = "client_disconnected"
+    level = logging.ERROR if status >= 500 or outcome.error else logging.INFO
+    if not access_log.isEnabledFor(level):
+        return
+    access_log.log(
+        level,
+        "request",
+        extra={
+            "request_id": request_id,
+            "method": request.method,
+            "path": _printable(raw_path),
+            "route": route.config.name if route is not None else None,
+            "user": principal.user if principal is not None else None,
+            "token_id": principal.token_id if principal is not None else None,
+            "status": status,
+            "upstream_status": outcome.upstream_status,
+            "error": code,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        },
+    )
+

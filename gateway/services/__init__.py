@@ -1,0 +1,72 @@
+"""Service users, tokens and audit events: the one service layer under the CLI and the admin API.
+
+Imports: store, models, tokens, config (origin normalisation), timeparse, errors.
+
+Every mutation is one write transaction that also inserts its audit event and its
+change-feed row (so another process that sees the change also sees the audit, and a
+failed write leaves neither). Results are frozen views (``services.views``) whose
+``to_json()`` gives exactly CONTRACT.md's admin API objects; none of them ever holds a
+token secret (``create_token``/``reset_token`` hand it back separately, once).
+
+Errors: Invalid (422, names the field), NotFound (404), Conflict (409),
+StoreUnavailable (503); ConfigError when `defined_roles` cannot load policies/.
+
+Layout: ``base`` (rules, transactions, audit), ``users`` and ``tokens`` (the two halves
+of `Directory`), ``views`` (results).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+from sqlalchemy import select
+
+from gateway.errors import Invalid
+from gateway.models import AuditEvent
+from gateway.services.base import DEFAULT_ROLE, NAME_PATTERN, validate_name
+from gateway.services.tokens import TokenOperations
+from gateway.services.users import UserOperations
+from gateway.services.views import UNSET, AuditView, RoleView, TokenView, Unset, UserView
+from gateway.timeparse import to_utc
+
+__all__ = [
+    "DEFAULT_ROLE",
+    "NAME_PATTERN",
+    "UNSET",
+    "AuditView",
+    "Directory",
+    "RoleView",
+    "TokenView",
+    "Unset",
+    "UserView",
+    "validate_name",
+]
+
+MAX_AUDIT_LIMIT: Final = 1000
+
+
+class Directory(UserOperations, TokenOperations):
+    """Service users, their roles, origins and tokens, with audit events and the change feed.
+
+    `defined_roles` is called whenever a role is granted, so a reloaded policies/
+    applies at once; it may raise ConfigError (the CLI loads policies lazily).
+    """
+
+    async def list_audit(
+        self, *, actor: str | None = None, since: datetime | None = None, limit: int = 100
+    ) -> list[AuditView]:
+        """Audit events, newest first, optionally by `actor` and at or after `since`."""
+        if not 1 <= limit <= MAX_AUDIT_LIMIT:
+            raise Invalid("limit", f"limit must be between 1 and {MAX_AUDIT_LIMIT}")
+        query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        if actor is not None:
+            query = query.where(AuditEvent.actor == actor)
+        if since is not None:
+            query = query.where(AuditEvent.at >= to_utc(since))
+        async with self._read() as session:
+            rows = await session.scalars(query)
+            return [
+                AuditView(id=e.id, at=e.at, actor=e.actor, action=e.action, target=e.target, detail=e.detail)
+                for e in rows
+            ]

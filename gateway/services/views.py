@@ -1,0 +1,138 @@
+"""The service layer's results: frozen views whose ``to_json()`` is CONTRACT.md's admin API objects.
+
+Imports: timeparse. Absent values are null (never a missing key); times are UTC "...Z"
+to the second. No view has a field for a token secret.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from gateway.timeparse import format_time, utcnow
+
+__all__ = ["UNSET", "AuditView", "RoleView", "TokenView", "Unset", "UserView"]
+
+
+class Unset(enum.Enum):
+    """Marker type for "argument not given" where None is a meaningful value."""
+
+    UNSET = "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+
+def _time(moment: datetime | None) -> str | None:
+    return None if moment is None else format_time(moment)
+
+
+@dataclass(frozen=True, slots=True)
+class RoleView:
+    """One role held by a user, with who granted it when."""
+
+    name: str
+    assigned_by: str
+    assigned_at: datetime
+
+    def to_json(self) -> dict[str, object]:
+        """The `roles` item of CONTRACT.md's user object."""
+        return {"name": self.name, "assigned_by": self.assigned_by, "assigned_at": _time(self.assigned_at)}
+
+
+@dataclass(frozen=True, slots=True)
+class UserView:
+    """A service user or admin as the admin API shows it."""
+
+    name: str
+    kind: str
+    description: str | None
+    roles: tuple[RoleView, ...]
+    allowed_origins: tuple[str, ...]
+    disabled: bool
+    created_at: datetime
+    created_by: str
+
+    @property
+    def href(self) -> str:
+        """The user's admin API path."""
+        return f"/v1/service-users/{self.name}"
+
+    @property
+    def role_names(self) -> tuple[str, ...]:
+        """Role names, sorted."""
+        return tuple(role.name for role in self.roles)
+
+    def to_json(self) -> dict[str, object]:
+        """CONTRACT.md's user object (absent values are null)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "href": self.href,
+            "description": self.description,
+            "roles": [role.to_json() for role in self.roles],
+            "allowed_origins": list(self.allowed_origins),
+            "disabled": self.disabled,
+            "created_at": _time(self.created_at),
+            "created_by": self.created_by,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TokenView:
+    """A token as the admin API shows it; there is no field for the secret."""
+
+    id: str
+    name: str
+    user: str
+    description: str | None
+    roles: tuple[str, ...] | None
+    """None: the token follows the user's roles; else its fixed (sorted) roles."""
+    expires_at: datetime | None
+    created_at: datetime
+    created_by: str
+    last_used_at: datetime | None
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """True once `now` (default: the current time) has reached `expires_at`."""
+        return self.expires_at is not None and (now or utcnow()) >= self.expires_at
+
+    def to_json(self, now: datetime | None = None) -> dict[str, object]:
+        """CONTRACT.md's token object (absent values are null)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "user": self.user,
+            "description": self.description,
+            "roles": None if self.roles is None else list(self.roles),
+            "expires_at": _time(self.expires_at),
+            "expired": self.is_expired(now),
+            "created_at": _time(self.created_at),
+            "created_by": self.created_by,
+            "last_used_at": _time(self.last_used_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditView:
+    """One audit event; `detail` is JSON and never holds a secret."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, object]
+
+    def to_json(self) -> dict[str, object]:
+        """CONTRACT.md's audit event object."""
+        return {
+            "id": self.id,
+            "at": _time(self.at),
+            "actor": self.actor,
+            "action": self.action,
+            "target": self.target,
+            "detail": self.detail,
+        }

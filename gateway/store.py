@@ -1,0 +1,350 @@
+"""The store: engine and sessions, schema migrations, and the proxy's read path.
+
+Imports: models, errors, sqlalchemy, alembic. No module-level engine: ``open_store``
+builds one ``Store`` per process (``app.py`` or the CLI owns it and closes it).
+
+What lives here:
+- ``open_store(url)`` / ``migrate(engine)``: SQLite (WAL, busy timeout, foreign keys,
+  ``BEGIN IMMEDIATE`` for writes) or PostgreSQL (short connect timeout, pre-ping,
+  an advisory lock so concurrent starts migrate once).
+- ``Store``: the hot-path lookup by token digest, the change feed, ``last_used_at``
+  batches, and the origin index for CORS. Mutations live in ``services.py``.
+
+Contract: every database failure leaves this module as ``StoreUnavailable`` (public
+message only; the cause is chained and logged), never as raw driver text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import bindparam, event, func, literal, or_, select, union_all, update
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import StaticPool
+
+from gateway.errors import ConfigError, Conflict, StoreUnavailable
+from gateway.models import AllowedOrigin, RoleAssignment, ServiceUser, Token
+from gateway.models import Change as ChangeRow
+
+__all__ = ["Change", "Principal", "Store", "migrate", "open_store", "translate_errors"]
+
+log = logging.getLogger("gateway.store")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Arbitrary constants ("gw" + purpose) naming the PostgreSQL advisory locks we take.
+MIGRATION_LOCK = 0x6777_0001
+CHANGES_LOCK = 0x6777_0002
+# Execution option that makes a SQLite transaction start with BEGIN IMMEDIATE.
+_IMMEDIATE = "gateway_sqlite_immediate"
+UNREACHABLE = "the store cannot be reached"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The identity behind one token, as the identity cache holds it (no secret in it)."""
+
+    user: str
+    kind: str
+    disabled: bool
+    token_id: str
+    token_name: str
+    expires_at: datetime | None
+    roles: tuple[str, ...]
+    """Effective roles, sorted: the token's fixed list ∩ the user's roles, or the user's roles."""
+    origins: frozenset[str]
+    """The user's allowed origins (normalised)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change-feed entry: the identities of `user` (or only `token_id`) changed."""
+
+    id: int
+    user: str
+    token_id: str | None
+
+
+@asynccontextmanager
+async def translate_errors(conflict: str | None = None) -> AsyncIterator[None]:
+    """Turn database exceptions into the gateway's error tree.
+
+    `conflict` is the public message for a unique-constraint violation (a race the
+    caller's own checks could not see); without it such a violation is a plain outage.
+    """
+    try:
+        yield
+    except IntegrityError as exc:
+        if conflict is None:
+            log.error("unexpected integrity error: %s", exc)
+            raise StoreUnavailable(UNREACHABLE) from exc
+        raise Conflict(conflict) from exc
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        # Engines are built with hide_parameters=True, so this text holds no digest.
+        log.debug("store error: %s", exc, exc_info=True)
+        raise StoreUnavailable(UNREACHABLE) from exc
+
+
+def effective_roles(fixed: list[str] | None, user_roles: frozenset[str]) -> tuple[str, ...]:
+    """The roles a token carries now (CONTRACT.md "token")."""
+    if fixed is None:
+        return tuple(sorted(user_roles))
+    return tuple(sorted(user_roles.intersection(fixed)))
+
+
+class Store:
+    """One engine plus sessionmakers; the read path of the proxy and the change feed.
+
+    Contract: call ``close()`` once when done. Methods may be called concurrently from
+    many tasks (each opens its own session).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect: str = engine.dialect.name
+        self.url: str = engine.url.render_as_string(hide_password=True)
+        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            engine, expire_on_commit=False
+        )
+        # Same pool; on SQLite its transactions take the write lock up front (see _begin).
+        self.write_sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            engine.execution_options(**{_IMMEDIATE: True}), expire_on_commit=False
+        )
+
+    def __repr__(self) -> str:
+        return f"Store(url={self.url!r})"
+
+    async def lookup_token(self, digest: str) -> Principal | None:
+        """The Principal of the token whose secret hashes to `digest`, or None.
+
+        Two indexed round trips: token ⋈ user by the unique digest index, then the
+        user's roles and origins in one UNION ALL.
+        """
+        async with translate_errors(), self.sessions() as session:
+            found = (
+                await session.execute(
+                    select(
+                        Token.id,
+                        Token.name,
+                        Token.expires_at,
+                        Token.roles,
+                        ServiceUser.id,
+                        ServiceUser.name,
+                        ServiceUser.kind,
+                        ServiceUser.disabled,
+                    )
+                    .join(ServiceUser, ServiceUser.id == Token.user_id)
+                    .where(Token.digest == digest)
+                )
+            ).one_or_none()
+            if found is None:
+                return None
+            token_id, token_name, expires_at, fixed, user_id, user, kind, disabled = found
+            roles = select(literal("r").label("k"), RoleAssignment.role.label("v")).where(
+                RoleAssignment.user_id == user_id
+            )
+            origins = select(literal("o").label("k"), AllowedOrigin.origin.label("v")).where(
+                AllowedOrigin.user_id == user_id
+            )
+            rows = (await session.execute(union_all(roles, origins))).all()
+        user_roles = frozenset(value for key, value in rows if key == "r")
+        return Principal(
+            user=user,
+            kind=kind,
+            disabled=disabled,
+            token_id=token_id,
+            token_name=token_name,
+            expires_at=expires_at,
+            roles=effective_roles(fixed, user_roles),
+            origins=frozenset(value for key, value in rows if key == "o"),
+        )
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers a trivial query."""
+        async with translate_errors(), self.engine.connect() as connection:
+            await connection.execute(select(literal(1)))
+
+    async def record_last_used(self, seen: Mapping[str, datetime]) -> None:
+        """Write `last_used_at` for many tokens in one batch; never moves a time backwards.
+
+        Not a change: the feed is for authentication state, and this runs constantly.
+        """
+        if not seen:
+            return
+        statement = (
+            update(Token)
+            .where(Token.id == bindparam("b_id"))
+            .where(or_(Token.last_used_at.is_(None), Token.last_used_at < bindparam("b_at")))
+            .values(last_used_at=bindparam("b_at"))
+        )
+        params = [{"b_id": token_id, "b_at": at} for token_id, at in sorted(seen.items())]
+        async with translate_errors(), self.write_sessions.begin() as session:
+            connection = await session.connection()
+            await connection.execute(statement, params)
+
+    async def latest_change(self) -> int:
+        """The id of the newest change-feed entry, 0 when there is none."""
+        async with translate_errors(), self.sessions() as session:
+            latest = await session.scalar(select(func.max(ChangeRow.id)))
+        return int(latest or 0)
+
+    async def changes_since(self, cursor: int, limit: int = 1000) -> list[Change]:
+        """Change-feed entries with id > `cursor`, oldest first, at most `limit`.
+
+        Ids become visible in increasing order (writers serialise on CHANGES_LOCK or on
+        SQLite's single writer), so a cursor never skips a late-committing entry.
+        """
+        async with translate_errors(), self.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(ChangeRow.id, ChangeRow.user_name, ChangeRow.token_id)
+                    .where(ChangeRow.id > cursor)
+                    .order_by(ChangeRow.id)
+                    .limit(limit)
+                )
+            ).all()
+        return [Change(id=row_id, user=user, token_id=token_id) for row_id, user, token_id in rows]
+
+    async def active_origins(self) -> dict[str, frozenset[str]]:
+        """Origin → names of the enabled service users that allow it (the CORS index)."""
+        async with translate_errors(), self.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(AllowedOrigin.origin, ServiceUser.name)
+                    .join(ServiceUser, ServiceUser.id == AllowedOrigin.user_id)
+                    .where(ServiceUser.disabled.is_(False), ServiceUser.kind == "service")
+                )
+            ).all()
+        index: dict[str, set[str]] = {}
+        for origin, user in rows:
+            index.setdefault(origin, set()).add(user)
+        return {origin: frozenset(users) for origin, users in index.items()}
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def _sqlite_setup(engine: AsyncEngine) -> None:
+    """Per-connection SQLite settings, and explicit BEGIN handling.
+
+    pysqlite's own transaction handling only begins before DML (so DDL and reads run
+    outside any transaction) and can never BEGIN IMMEDIATE. We switch it off and emit
+    BEGIN ourselves (the SQLAlchemy-documented recipe). Writers use BEGIN IMMEDIATE: a
+    deferred transaction that reads and then writes fails at once with "database is
+    locked" (no busy wait) when another process wrote in between.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get(_IMMEDIATE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An AsyncEngine for a sqlite+aiosqlite or postgresql+asyncpg URL, configured for the gateway."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError([f"store.url: not a database URL ({exc.__class__.__name__})"]) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        options: dict[str, Any] = {}
+        if parsed.database in (None, "", ":memory:"):
+            # One shared connection, or every pooled connection would see its own empty DB.
+            options = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+        engine = create_async_engine(parsed, hide_parameters=True, **options)
+        _sqlite_setup(engine)
+        return engine
+    if backend == "postgresql":
+        return create_async_engine(
+            parsed,
+            hide_parameters=True,
+            pool_pre_ping=True,
+            # asyncpg waits 60 s by default: an outage must become a 503, not a hang.
+            connect_args={"timeout": 3, "command_timeout": 10},
+        )
+    raise ConfigError(
+        [f"store.url: unsupported database {backend!r} (use sqlite+aiosqlite or postgresql+asyncpg)"]
+    )
+
+
+def _alembic_config(connection: Connection) -> AlembicConfig:
+    config = AlembicConfig()
+    # ConfigParser interpolation: a '%' in the install path must be doubled.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _upgrade(connection: Connection) -> None:
+    command.upgrade(_alembic_config(connection), "head")
+
+
+def head_revision() -> str | None:
+    """The newest revision shipped with this package."""
+    from alembic.script import ScriptDirectory
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Bring the schema to head, once even when several processes start together.
+
+    The whole upgrade is one transaction. PostgreSQL: under a transaction-scoped
+    advisory lock, so the others wait, then find the schema at head. SQLite: under
+    BEGIN IMMEDIATE (the database write lock) plus the busy timeout.
+    """
+    async with translate_errors(), engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            connection = await connection.execution_options(**{_IMMEDIATE: True})
+        async with connection.begin():
+            if engine.dialect.name == "postgresql":
+                await connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+            await connection.run_sync(_upgrade)
+    log.debug("store schema at %s", head_revision())
+
+
+_migrate = migrate  # open_store's keyword argument shadows the name
+
+
+async def open_store(url: str, *, migrate: bool = True) -> Store:
+    """Open the store at `url` (and migrate it unless told not to); raises StoreUnavailable."""
+    engine = create_engine(url)
+    try:
+        if migrate:
+            await _migrate(engine)
+        else:
+            async with translate_errors(), engine.connect() as connection:
+                await connection.execute(select(literal(1)))
+    except BaseException:
+        await engine.dispose()
+        raise
+    return Store(engine)

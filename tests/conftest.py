@@ -1,0 +1,190 @@
+"""Shared fixtures: a real upstream, real stores (SQLite file and PostgreSQL), the real gateway."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import ClientResponse, web
+from yarl import URL
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import Gateway, build_proxy_app
+from gateway.config import load_config
+from gateway.services import Directory
+from tests.upstream import build_upstream
+
+PG_ADMIN_DSN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _pg_unavailable(reason: str) -> None:
+    message = f"PostgreSQL at {PG_ADMIN_DSN} is needed: {reason}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty store: a SQLite file, or a new database on the real PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+        return
+    name = "gw_" + secrets.token_hex(6)
+    try:
+        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        _pg_unavailable(str(exc))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    yield f"{base}/{name}"
+    admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestServer]:
+    """A real aiohttp upstream on loopback (see tests/upstream.py)."""
+    server = TestServer(build_upstream(), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+DEFAULT_POLICIES = """
+roles:
+  service-user-project-admin:
+    description: Every permission
+    permissions: ["*"]
+  reader:
+    permissions: ["echo:read"]
+  writer:
+    includes: [reader]
+    permissions: ["echo:write"]
+  other:
+    permissions: ["other:read"]
+routes:
+  echo:
+    rules:
+      - methods: [POST]
+        paths: ["/echo/hook"]
+        public: true
+      - methods: [GET, HEAD]
+        paths: ["/echo/**"]
+        require: "echo:read"
+      - methods: [POST, PUT, PATCH, DELETE]
+        paths: ["/echo/**"]
+        require: "echo:write"
+  deep:
+    rules:
+      - paths: ["/echo/deep/**"]
+        require: "other:read"
+  strip:
+    rules:
+      - paths: ["/strip/**"]
+        require: "echo:read"
+"""
+
+
+def write_config(
+    directory: Path,
+    *,
+    store_url: str,
+    upstream_url: str,
+    extra_yaml: str = "",
+    policies: str = DEFAULT_POLICIES,
+    route_options: str = "",
+) -> Path:
+    """Write gateway.yaml and policies/ into `directory`; return the config path."""
+    (directory / "policies").mkdir(exist_ok=True)
+    (directory / "policies" / "policy.yaml").write_text(textwrap.dedent(policies))
+    config = directory / "gateway.yaml"
+    options = "".join(f"    {line}\n" for line in textwrap.dedent(route_options).splitlines() if line.strip())
+    config.write_text(
+        "listeners:\n"
+        '  proxy: "127.0.0.1:0"\n'
+        '  admin: "127.0.0.1:0"\n'
+        f'store:\n  url: "{store_url}"\n'
+        "routes:\n"
+        f'  - name: echo\n    prefix: /echo\n    upstream: "{upstream_url}"\n    timeout: 2\n{options}'
+        f'  - name: deep\n    prefix: /echo/deep\n    upstream: "{upstream_url}"\n'
+        f'  - name: strip\n    prefix: /strip\n    upstream: "{upstream_url}"\n    strip_prefix: true\n'
+        + textwrap.dedent(extra_yaml)
+    )
+    return config
+
+
+@dataclass
+class Harness:
+    """A running gateway (in this process) with a client on its proxy app."""
+
+    gateway: Gateway
+    client: TestClient
+    directory: Directory
+    upstream_app: web.Application
+
+    def url(self, path: str) -> URL:
+        """An absolute URL to the proxy that the client sends exactly as written (no normalising)."""
+        return URL(f"http://127.0.0.1:{self.client.port}{path}", encoded=True)
+
+    async def send(self, method: str, path: str, **kwargs: Any) -> ClientResponse:
+        """Send `path` byte for byte (dot segments and escapes intact)."""
+        return await self.client.session.request(method, self.url(path), **kwargs)
+
+    async def token(
+        self, user: str = "svc", *, roles: list[str] | None = None, token_roles: list[str] | None = None
+    ) -> str:
+        """Create `user` (if needed) and a fresh token for it; return the secret."""
+        existing = {u.name for u in await self.directory.list_users()}
+        if user not in existing:
+            await self.directory.create_user(user, actor="test", roles=roles or ["writer"])
+        count = len(await self.directory.list_tokens(user))
+        _, secret = await self.directory.create_token(
+            user, f"t{count}", actor="test", roles=token_roles
+        )
+        return secret
+
+
+@pytest.fixture
+async def make_harness(
+    tmp_path: Path, store_url: str, upstream: TestServer
+) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    """Factory: start the real gateway on a config written for the real upstream and store."""
+    started: list[tuple[Gateway, TestClient]] = []
+
+    async def make(**options: str) -> Harness:
+        path = write_config(
+            tmp_path, store_url=store_url, upstream_url=str(upstream.make_url("")).rstrip("/"), **options
+        )
+        config = load_config(path, env={})
+        gateway = await Gateway.open(config)
+        client = TestClient(TestServer(build_proxy_app(gateway), host="127.0.0.1"))
+        await client.start_server()
+        started.append((gateway, client))
+        directory = Directory(gateway.store, lambda: gateway.pipeline.settings.table.role_names())
+        return Harness(gateway, client, directory, upstream.app)
+
+    yield make
+    for gateway, client in started:
+        await client.close()
+        await gateway.close()
+
+
+@pytest.fixture
+async def harness(make_harness: Callable[..., Awaitable[Harness]]) -> Harness:
+    """The default gateway: routes echo (/echo), deep (/echo/deep), strip (/strip)."""
+    return await make_harness()
