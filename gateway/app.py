@@ -57,9 +57,7 @@ class Gateway:
         )
         self.last_used = LastUsed()
         self.feed = ChangeFeed(store, self.cache, outage_grace=config.cache.outage_grace)
-        self.authenticator = Authenticator(
-            store, self.cache, self.last_used, store_trusted=self.feed.trusted
-        )
+        self.authenticator = Authenticator(store, self.cache, self.last_used, store_trusted=self.feed.trusted)
         self.pools = UpstreamPools()
         self.pipeline = Pipeline(settings, self.authenticator, Forwarder(self.pools))
         self._tasks: list[asyncio.Task[None]] = []
@@ -95,7 +93,9 @@ class Gateway:
             config = load_config(self.config.path)
             settings = build_settings(config)
         except ConfigError as error:
-            log.error("reload refused; the previous configuration stays live", extra={"problems": error.problems})
+            log.error(
+                "reload refused; the previous configuration stays live", extra={"problems": error.problems}
+            )
             return False
         for what, old, new in (
             ("listeners.proxy", self.config.proxy_listen, config.proxy_listen),
@@ -129,9 +129,7 @@ async def _no_automatic_continue(request: web.Request) -> None:
 def build_proxy_app(gateway: Gateway) -> web.Application:
     """The proxy listener's app: one catch-all resource, our own route table behind it."""
     app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
-    app.router.add_route(
-        "*", "/{tail:.*}", gateway.pipeline.handle, expect_handler=_no_automatic_continue
-    )
+    app.router.add_route("*", "/{tail:.*}", gateway.pipeline.handle, expect_handler=_no_automatic_continue)
     return app
 
 

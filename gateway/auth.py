@@ -187,8 +187,6 @@ def _check_state(principal: Principal, now: float) -> None:
     expires_at = principal.expires_at
     if expires_at is not None and expires_at.timestamp() <= now:
         stamp = expires_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        raise Unauthenticated(
-            Refusal.TOKEN_EXPIRED, f"token '{principal.token_name}' expired on {stamp}"
-        )
+        raise Unauthenticated(Refusal.TOKEN_EXPIRED, f"token '{principal.token_name}' expired on {stamp}")
     if principal.disabled:
         raise Unauthenticated(Refusal.USER_DISABLED, f"user '{principal.user}' is disabled")

@@ -78,9 +78,7 @@ class ChangeFeed:
         except StoreUnavailable:
             if not self._outage:
                 self._outage = True
-                log.error(
-                    "store unreachable: serving cached identities for at most %gs", self._grace
-                )
+                log.error("store unreachable: serving cached identities for at most %gs", self._grace)
             self._healthy = False
             return
         if not self._healthy and self._outage:

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from gateway.errors import ConfigError
-from gateway.yamlfile import HTTP_TOKEN_RE, LineDict, LineList, Validator, describe, load_yaml_mapping
+from gateway.yamlfile import HTTP_TOKEN_RE, LineDict, LineList, Validator, load_yaml_mapping
 
 Address = tuple[str, int]  # host, port
 
@@ -214,12 +214,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     if policies == "":
         f.add(root.line_of("policies"), "policies", "must name a folder or file")
 
-    trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for item, line, where in f.items(root, "trusted_proxies", ""):
-        try:
-            trusted.append(ipaddress.ip_network(str(item), strict=False))
-        except ValueError:
-            f.add(line, where, f"{item!r} is not an IP address or CIDR")
+    trusted = f.strings(root, "trusted_proxies", "", _network)
 
     identity = _identity(f, f.mapping(root, "identity", "", _IDENTITY_KEYS))
     node = f.mapping(root, "cache", "", ("ttl", "negative_ttl", "max_entries", "outage_grace"))
@@ -237,7 +232,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     routes = _routes(f, root)
     max_body = f.integer(limits, "max_body", "limits", _DEFAULT_MAX_BODY)
     keepalive = f.number(limits, "keepalive_timeout", "limits", 75.0)
-    admin_origins = _origin_list(f, admin, "cors_origins", "admin")
+    admin_origins = tuple(dict.fromkeys(f.strings(admin, "cors_origins", "admin", normalize_origin)))
 
     for variable, key in (("GATEWAY_PROXY_LISTEN", "proxy"), ("GATEWAY_ADMIN_LISTEN", "admin")):
         if env.get(variable):
@@ -293,14 +288,24 @@ def _listen(f: Validator, node: LineDict, key: str) -> Address:
     return _LISTEN_DEFAULTS[key]
 
 
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR") from None
+
+
+def _header_name(text: str) -> str:
+    if not HTTP_TOKEN_RE.match(text):
+        raise ValueError(f"{text!r} is not a valid HTTP header name")
+    return text
+
+
 def _header_names(f: Validator, node: LineDict, key: str, where: str) -> tuple[str, ...]:
-    names: list[str] = []
-    for item, line, path in f.items(node, key, where):
-        if not isinstance(item, str) or not HTTP_TOKEN_RE.match(item):
-            f.add(line, path, f"{item!r} is not a valid HTTP header name")
-        elif item.lower() not in (name.lower() for name in names):
-            names.append(item)
-    return tuple(names)
+    unique: dict[str, str] = {}  # header names are case-insensitive: keep the first spelling
+    for name in f.strings(node, key, where, _header_name):
+        unique.setdefault(name.lower(), name)
+    return tuple(unique.values())
 
 
 def _identity(f: Validator, node: LineDict) -> IdentityConfig:
@@ -322,21 +327,6 @@ def _identity(f: Validator, node: LineDict) -> IdentityConfig:
         seen.setdefault(folded, key)
         values.append(value)
     return IdentityConfig(*values)
-
-
-def _origin_list(f: Validator, node: LineDict, key: str, where: str) -> tuple[str, ...]:
-    origins: list[str] = []
-    for item, line, path in f.items(node, key, where):
-        try:
-            origin = normalize_origin(item) if isinstance(item, str) else ""
-        except ValueError as exc:
-            f.add(line, path, str(exc))
-            continue
-        if not origin:
-            f.add(line, path, f"must be an origin like https://app.example.com, not {describe(item)}")
-        elif origin not in origins:
-            origins.append(origin)
-    return tuple(origins)
 
 
 _ROUTE_KEYS = ("name", "prefix", "upstream", "timeout", "strip_prefix", "preserve_host", "max_body",
@@ -430,12 +420,12 @@ def _cors(f: Validator, node: object, line: int, where: str) -> CorsConfig | Non
     store, extra = True, tuple[str, ...]()
     origins = node.get("origins")
     if isinstance(origins, LineList):
-        store, extra = False, _origin_list(f, node, "origins", where)
+        store, extra = False, tuple(dict.fromkeys(f.strings(node, "origins", where, normalize_origin)))
     elif isinstance(origins, LineDict):
         # The mapping form defaults to store: true like the other forms.
         f.keys(origins, f"{where}.origins", ("store", "extra"))
         store = f.boolean(origins, "store", f"{where}.origins", True)
-        extra = _origin_list(f, origins, "extra", f"{where}.origins")
+        extra = tuple(dict.fromkeys(f.strings(origins, "extra", f"{where}.origins", normalize_origin)))
     elif "origins" in node and origins != "store":
         f.add(node.line_of("origins"), f"{where}.origins",
               "must be `store`, a list of origins, or {store: true|false, extra: [...]}")

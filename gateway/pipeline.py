@@ -111,7 +111,17 @@ class Pipeline:
             if request.body_exists and not request.content.is_eof():
                 # An unread body must not be taken for the next request on this connection.
                 response.force_close()
-            _record(request, started, raw_path, request_id, route, principal, response.status, error.refusal, outcome)
+            _record(
+                request,
+                started,
+                raw_path,
+                request_id,
+                route,
+                principal,
+                response.status,
+                error.refusal,
+                outcome,
+            )
             return response
         _record(request, started, raw_path, request_id, route, principal, response.status, None, outcome)
         return response
@@ -131,9 +141,7 @@ def _resolve(table: RouteTable, raw_path: str) -> tuple[RoutePolicy, str, str]:
     return route, canonical, encoded
 
 
-def _authorize(
-    table: RouteTable, principal: Principal, rule: Rule | None, method: str, path: str
-) -> None:
+def _authorize(table: RouteTable, principal: Principal, rule: Rule | None, method: str, path: str) -> None:
     if principal.kind != "service":
         raise Forbidden("admin tokens are for the admin API only; they never pass the proxy")
     if rule is None:
@@ -189,4 +197,3 @@ def _record(
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
         },
     )
-

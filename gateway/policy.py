@@ -9,7 +9,8 @@ ordered rules per route (first match decides), path globs on the canonical path
 wildcards (``*``, ``orders:*``). Loading refuses, with every problem as
 "file:line: what is wrong", anything that would make the table mean something else
 than it says: undefined roles or routes, include cycles, duplicates, bad globs,
-and rules shadowed by an earlier rule (they could never decide anything).
+and rules shadowed by an earlier rule (they could never decide anything). Globs that
+no request of their route can reach are `RouteTable.warnings`, not errors.
 A RouteTable is immutable; a reload builds a new one and swaps the reference.
 """
 
@@ -272,13 +273,7 @@ class _Loader:
             v.add(line, where, "must be a mapping with description, permissions and includes")
             return
         v.keys(body, where, ("description", "permissions", "includes"))
-        permissions: list[str] = []
-        for item, item_line, path in v.items(body, "permissions", where):
-            if not isinstance(item, str) or not PERMISSION_RE.match(item):
-                v.add(item_line, path, f"{item!r} is not a permission (NAME[:PART...], '*' only as a whole "
-                      "last part like 'orders:*', or '*' alone)")
-            else:
-                permissions.append(item)
+        permissions = v.strings(body, "permissions", where, _permission)
         includes: list[str] = []
         for item, item_line, path in v.items(body, "includes", where):
             if not isinstance(item, str):
@@ -324,27 +319,10 @@ class _Loader:
             return None
         before = len(v.problems)
         v.keys(item, where, ("methods", "paths", "require", "public"))
-        methods: set[str] | None = None
-        if "methods" in item:
-            methods = set()
-            for method, method_line, path in v.items(item, "methods", where):
-                if not isinstance(method, str) or not HTTP_TOKEN_RE.match(method):
-                    v.add(method_line, path, f"{method!r} is not an HTTP method")
-                elif method != method.upper():
-                    v.add(method_line, path, f"methods are upper-case: write {method.upper()!r}")
-                else:
-                    methods.add(method)
-            if not item.get("methods"):
-                v.add(item.line_of("methods"), f"{where}.methods", "must not be empty (omit it: any method)")
-        paths: list[str] = []
-        for glob, glob_line, path in v.items(item, "paths", where):
-            try:
-                if not isinstance(glob, str):
-                    raise ValueError("must be a string like /orders/**")
-                parse_glob(glob)
-                paths.append(glob)
-            except ValueError as exc:
-                v.add(glob_line, path, f"bad glob {glob!r}: {exc}")
+        methods = frozenset(v.strings(item, "methods", where, _method)) if "methods" in item else None
+        if "methods" in item and not item["methods"]:
+            v.add(item.line_of("methods"), f"{where}.methods", "must not be empty (omit it: any method)")
+        paths = v.strings(item, "paths", where, _glob)
         if not item.get("paths"):
             v.add(item.line_of("paths"), f"{where}.paths", "is required: a non-empty list of path globs")
         require = v.string(item, "require", where)
@@ -359,8 +337,7 @@ class _Loader:
             v.add(line, where, "needs `require: PERMISSION` or `public: true`")
         if len(v.problems) != before:
             return None
-        return Rule(frozenset(methods) if methods is not None else None, tuple(paths), require, public,
-                    f"{v.file}:{line}")
+        return Rule(methods, tuple(paths), require, public, f"{v.file}:{line}")
 
     def check_reachable(self, v: Validator, route: RouteConfig, rule: Rule, line: int, where: str) -> None:
         """Warn about globs no request of this route can match (a typo, or another route's paths)."""
@@ -404,6 +381,29 @@ class _Loader:
         for name in self.roles:
             if name not in state:
                 visit(name)
+
+
+def _permission(text: str) -> str:
+    if not PERMISSION_RE.match(text):
+        raise ValueError(f"{text!r} is not a permission (NAME[:PART...], '*' only as a whole last part "
+                         "like 'orders:*', or '*' alone)")
+    return text
+
+
+def _method(text: str) -> str:
+    if not HTTP_TOKEN_RE.match(text):
+        raise ValueError(f"{text!r} is not an HTTP method")
+    if text != text.upper():
+        raise ValueError(f"methods are upper-case: write {text.upper()!r}")
+    return text
+
+
+def _glob(text: str) -> str:
+    try:
+        parse_glob(text)
+    except ValueError as exc:
+        raise ValueError(f"bad glob {text!r}: {exc}") from None
+    return text
 
 
 def _prefix_tokens(prefix: str) -> tuple[str, ...]:

@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.errors import ConfigError
+
+T = TypeVar("T")
 
 __all__ = [
     "HTTP_TOKEN_RE",
@@ -360,3 +363,15 @@ class Validator:
             return
         for index, item in enumerate(value):
             yield item, value.item_lines[index], f"{_join(where, key)}[{index}]"
+
+    def strings(self, node: LineDict, key: str, where: str, convert: Callable[[str], T]) -> list[T]:
+        """convert(item) for each string of the list at `key`; a ValueError's text becomes the problem."""
+        converted: list[T] = []
+        for item, line, path in self.items(node, key, where):
+            try:
+                if not isinstance(item, str):
+                    raise ValueError(f"must be a string, not {describe(item)}")
+                converted.append(convert(item))
+            except ValueError as exc:
+                self.add(line, path, str(exc))
+        return converted

@@ -13,8 +13,8 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import ClientResponse, web
-from yarl import URL
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from gateway.app import Gateway, build_proxy_app
 from gateway.config import load_config
@@ -153,9 +153,7 @@ class Harness:
         if user not in existing:
             await self.directory.create_user(user, actor="test", roles=roles or ["writer"])
         count = len(await self.directory.list_tokens(user))
-        _, secret = await self.directory.create_token(
-            user, f"t{count}", actor="test", roles=token_roles
-        )
+        _, secret = await self.directory.create_token(user, f"t{count}", actor="test", roles=token_roles)
         return secret
 
 

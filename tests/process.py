@@ -13,7 +13,6 @@ from pathlib import Path
 
 import aiohttp
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 

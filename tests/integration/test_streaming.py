@@ -144,10 +144,15 @@ async def test_refused_upstream_is_502(tmp_path: Path, store_url: str) -> None:
 
 async def test_expect_continue_only_after_authorisation(harness: Harness) -> None:
     token = await harness.token()
-    for auth, expected in ((b"", b"HTTP/1.1 401"), (b"Authorization: Bearer " + token.encode() + b"\r\n", b"HTTP/1.1 100")):
+    for auth, expected in (
+        (b"", b"HTTP/1.1 401"),
+        (b"Authorization: Bearer " + token.encode() + b"\r\n", b"HTTP/1.1 100"),
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", harness.client.port)
         writer.write(
-            b"POST /echo/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n" + auth + b"\r\n"
+            b"POST /echo/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+            + auth
+            + b"\r\n"
         )
         await writer.drain()
         first = await asyncio.wait_for(reader.readline(), 3)

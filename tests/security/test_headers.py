@@ -91,10 +91,14 @@ async def test_forwarded_headers_appended_when_trusted(make_harness) -> None:  #
 async def test_host_is_the_upstreams_unless_preserved(make_harness) -> None:  # type: ignore[no-untyped-def]
     harness = await make_harness(route_options="preserve_host: true")
     token = await harness.token()
-    echo = await (await harness.client.get("/echo/a", headers={**bearer(token), "Host": "api.example"})).json()
+    echo = await (
+        await harness.client.get("/echo/a", headers={**bearer(token), "Host": "api.example"})
+    ).json()
     assert header_values(echo, "Host") == ["api.example"]
     assert header_values(echo, "X-Forwarded-Host") == ["api.example"]
-    other = await (await harness.client.get("/strip/a", headers={**bearer(token), "Host": "api.example"})).json()
+    other = await (
+        await harness.client.get("/strip/a", headers={**bearer(token), "Host": "api.example"})
+    ).json()
     assert header_values(other, "Host") != ["api.example"]
     assert header_values(other, "X-Forwarded-Host") == ["api.example"]
 
@@ -102,7 +106,9 @@ async def test_host_is_the_upstreams_unless_preserved(make_harness) -> None:  # 
 async def test_no_client_default_headers_are_invented(harness: Harness) -> None:
     token = await harness.token()
     response = await harness.client.session.get(
-        harness.url("/echo/a"), headers=bearer(token), skip_auto_headers=["Accept-Encoding", "User-Agent", "Accept"]
+        harness.url("/echo/a"),
+        headers=bearer(token),
+        skip_auto_headers=["Accept-Encoding", "User-Agent", "Accept"],
     )
     echo = await response.json()
     assert header_values(echo, "Accept-Encoding") == []

@@ -8,10 +8,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
 from gateway import tokens
+from gateway.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = """
@@ -56,6 +58,12 @@ def gateway(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
     )
 
 
+class Run(Protocol):
+    """Runs one gateway command and checks its exit status."""
+
+    def __call__(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]: ...
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     """A config with a SQLite store next to it."""
@@ -63,8 +71,8 @@ def config(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cli(config: Path, tmp_path: Path) -> object:
-    """Run a command with `--config` after the subcommand, from an unrelated directory."""
+def cli(config: Path, tmp_path: Path) -> Run:
+    """Run a command as a subprocess, `--config` after the subcommand, from an unrelated directory."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 
@@ -72,6 +80,20 @@ def cli(config: Path, tmp_path: Path) -> object:
         done = gateway(*args, "--config", str(config), cwd=elsewhere)
         assert done.returncode == expect, (done.stdout, done.stderr)
         return done
+
+    return run
+
+
+@pytest.fixture
+def cli_in_process(config: Path, capsys: pytest.CaptureFixture[str]) -> Run:
+    """The same entry point, `main(argv)`, called in this process (fast, for error matrices)."""
+
+    def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+        with pytest.raises(SystemExit) as exited:
+            main([*args, "--config", str(config)])
+        captured = capsys.readouterr()
+        assert exited.value.code == expect, (args, captured.out, captured.err)
+        return subprocess.CompletedProcess(args, expect, captured.out, captured.err)
 
     return run
 
@@ -130,15 +152,15 @@ def test_user_and_token_lifecycle(store_url: str, tmp_path: Path) -> None:
     assert gone.stderr.strip() == "error: user 'backend-operator' not found"
     events = json.loads(run("audit", "list", "--format", "json").stdout)["items"]
     assert [e["action"] for e in events] == [
-        "user.deleted", "token.deleted", "token.expired", "token.reset", "token.created",
-        "user.updated", "user.created",
+        "user.deleted", "token.deleted", "token.expired", "token.reset", "user.updated",
+        "token.created", "user.created",
     ]
     assert all(e["actor"].startswith("cli:") for e in events)
     everything = json.dumps(events) + run("audit", "list").stdout
     assert secret not in everything and new_secret not in everything
 
 
-def test_user_commands_tables_and_json(cli) -> None:  # type: ignore[no-untyped-def]
+def test_user_commands_tables_and_json(cli: Run) -> None:
     cli("user", "create", "backend-b", "--roles", "reader", "--origins", "https://App.example.com,http://localhost:3000")
     cli("user", "create", "backend-a")
     cli("user", "create", "monitor", "--roles", "reader,writer")
@@ -174,7 +196,7 @@ def test_user_commands_tables_and_json(cli) -> None:  # type: ignore[no-untyped-
     assert "User deleted: backend-b" in cli("user", "delete", "backend-b").stdout
 
 
-def test_token_secret_is_shown_once_and_never_stored(cli, config: Path) -> None:  # type: ignore[no-untyped-def]
+def test_token_secret_is_shown_once_and_never_stored(cli: Run, config: Path) -> None:
     cli("user", "create", "svc", "--roles", "reader,writer")
     done = cli("token", "set", "ci", "--user", "svc")
     secret = access_token(done.stdout)
@@ -199,8 +221,8 @@ def test_token_secret_is_shown_once_and_never_stored(cli, config: Path) -> None:
     assert tokens.digest(secret).encode() in stored
 
 
-def test_errors_exit_1_with_messages(cli) -> None:  # type: ignore[no-untyped-def]
-    cli("user", "create", "svc", "--roles", "reader")
+def test_errors_exit_1_with_messages(cli_in_process: Run) -> None:
+    cli_in_process("user", "create", "svc", "--roles", "reader")
     cases = [
         (("user", "get", "ghost"), "error: user 'ghost' not found"),
         (("user", "create", "svc"), "error: user 'svc' already exists"),
@@ -217,16 +239,16 @@ def test_errors_exit_1_with_messages(cli) -> None:  # type: ignore[no-untyped-de
         (("token", "delete", "nope", "--user", "svc"), "error: token 'nope' not found for user 'svc'"),
     ]
     for args, message in cases:
-        done = cli(*args, expect=1)
+        done = cli_in_process(*args, expect=1)
         assert done.stderr.startswith(message), (args, done.stderr)
         assert "Traceback" not in done.stderr
-    cli("token", "set", "t", "--user", "svc")
-    duplicate = cli("token", "set", "t", "--user", "svc", expect=1)
+    cli_in_process("token", "set", "t", "--user", "svc")
+    duplicate = cli_in_process("token", "set", "t", "--user", "svc", expect=1)
     assert duplicate.stderr.startswith("error: token 't' already exists for user 'svc'")
     assert "Access token" not in duplicate.stdout
 
 
-def test_usage_errors_exit_2(cli, config: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_usage_errors_exit_2(cli_in_process: Run, tmp_path: Path) -> None:
     for args in [
         ("user", "frobnicate"),
         ("user", "create"),
@@ -237,10 +259,14 @@ def test_usage_errors_exit_2(cli, config: Path, tmp_path: Path) -> None:  # type
         ("user", "update", "svc", "--disable", "--bogus"),
         ("serve", "--workers", "0"),
     ]:
-        done = cli(*args, expect=2)
+        done = cli_in_process(*args, expect=2)
         assert "Traceback" not in done.stderr
+    for argv in (["user", "list", "--config"], ["user", "list", "--config="]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+    # And from a real process: the exit status the shell sees.
     assert gateway("user", "list", "--config", cwd=tmp_path).returncode == 2
-    assert gateway("user", "list", "--config=", cwd=tmp_path).returncode == 2
 
 
 def test_config_option_forms_env_and_default(config: Path, tmp_path: Path) -> None:

@@ -312,7 +312,7 @@ ERRORS = [
     (
         "listeners:\n  admin: 'h:70000'\n",
         2,
-        "listeners.admin: 'h:70000': the port must be a number from 1 to 65535",
+        "listeners.admin: 'h:70000': the port must be a number from 1 to 65535 (or 0: any free port)",
     ),
     (
         "listeners:\n  admin: '::1:80'\n",

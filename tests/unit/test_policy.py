@@ -488,7 +488,7 @@ POLICY_ERRORS = [
         ALL_RULES.replace(
             '      - paths: ["/orders/**"]', '      - methods: []\n        paths: ["/orders/**"]'
         ),
-        "policies/p.yaml:4: routes.orders.rules[0].methods: must not be empty (omit it for any method)",
+        "policies/p.yaml:4: routes.orders.rules[0].methods: must not be empty (omit it: any method)",
     ),
     (
         ALL_RULES.replace('      - paths: ["/orders/**"]', '      - desc: x\n        paths: ["/orders/**"]'),
