@@ -24,6 +24,7 @@ from gateway.errors import ConfigError, StoreUnavailable
 from gateway.headers import HeaderPolicy
 from gateway.logs import configure as configure_logging
 from gateway.logs import install_redaction
+from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, Settings
 from gateway.policy import load_route_table
 from gateway.proxy import Forwarder, UpstreamPools
@@ -59,7 +60,8 @@ class Gateway:
         self.feed = ChangeFeed(store, self.cache, outage_grace=config.cache.outage_grace)
         self.authenticator = Authenticator(store, self.cache, self.last_used, store_trusted=self.feed.trusted)
         self.pools = UpstreamPools()
-        self.pipeline = Pipeline(settings, self.authenticator, Forwarder(self.pools))
+        self.metrics = Metrics()
+        self.pipeline = Pipeline(settings, self.authenticator, Forwarder(self.pools), self.metrics)
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod

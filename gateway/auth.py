@@ -117,6 +117,8 @@ class Authenticator:
         self._store_trusted = store_trusted
         self._wall_clock = wall_clock
         self._inflight: dict[str, asyncio.Future[Principal | None]] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     async def authenticate(self, authorization: list[str]) -> Principal:
         """The Principal for the request's Authorization header values (all of them)."""
@@ -135,10 +137,12 @@ class Authenticator:
         digest = tokens.digest(token)
         principal = self._cache.get(digest)
         if principal is not None:
+            self.cache_hits += 1
             if not self._store_trusted():
                 # Outage longer than cache.outage_grace: cached identities may be revoked by now.
                 raise StoreUnavailable("the store cannot be reached; try again shortly")
         else:
+            self.cache_misses += 1
             principal = await self._lookup(digest)
         now = self._wall_clock()
         _check_state(principal, now)

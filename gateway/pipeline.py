@@ -28,6 +28,7 @@ from gateway.config import Config
 from gateway.errors import BadRequest, Forbidden, GatewayError, Refusal, RouteNotFound
 from gateway.headers import HeaderPolicy, comma_join, request_id_from
 from gateway.logs import ACCESS_LOGGER
+from gateway.metrics import Metrics
 from gateway.paths import canonicalize, split_target
 from gateway.policy import RoutePolicy, RouteTable, Rule
 from gateway.proxy import Forwarder, Outcome
@@ -51,10 +52,13 @@ class Settings:
 class Pipeline:
     """The proxy listener's request handler (one per process)."""
 
-    def __init__(self, settings: Settings, authenticator: Authenticator, forwarder: Forwarder) -> None:
+    def __init__(
+        self, settings: Settings, authenticator: Authenticator, forwarder: Forwarder, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self._authenticator = authenticator
         self._forwarder = forwarder
+        self._metrics = metrics
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Run the pipeline for one request; never raises a GatewayError."""
@@ -111,7 +115,7 @@ class Pipeline:
             if request.body_exists and not request.content.is_eof():
                 # An unread body must not be taken for the next request on this connection.
                 response.force_close()
-            _record(
+            self._record(
                 request,
                 started,
                 raw_path,
@@ -123,8 +127,50 @@ class Pipeline:
                 outcome,
             )
             return response
-        _record(request, started, raw_path, request_id, route, principal, response.status, None, outcome)
+        self._record(request, started, raw_path, request_id, route, principal, response.status, None, outcome)
         return response
+
+    def _record(
+        self,
+        request: web.Request,
+        started: float,
+        raw_path: str,
+        request_id: str,
+        route: RoutePolicy | None,
+        principal: Principal | None,
+        status: int,
+        error: Refusal | None,
+        outcome: Outcome,
+    ) -> None:
+        route_name = route.config.name if route is not None else None
+        metrics = self._metrics
+        metrics.requests.labels(route_name or "", str(status)).inc()
+        if error is not None:
+            metrics.refusals.labels(error.value).inc()
+        if outcome.upstream_seconds is not None and route_name is not None:
+            metrics.upstream_latency.labels(route_name).observe(outcome.upstream_seconds)
+        code = error.value if error is not None else outcome.error
+        if outcome.client_gone:
+            code = "client_disconnected"
+        level = logging.ERROR if status >= 500 or outcome.error else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        access_log.log(
+            level,
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "path": _printable(raw_path),
+                "route": route_name,
+                "user": principal.user if principal is not None else None,
+                "token_id": principal.token_id if principal is not None else None,
+                "status": status,
+                "upstream_status": outcome.upstream_status,
+                "error": code,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
 
 
 def _resolve(table: RouteTable, raw_path: str) -> tuple[RoutePolicy, str, str]:
@@ -161,39 +207,4 @@ def refusal(error: GatewayError, request_id: str) -> web.Response:
     headers["X-Request-Id"] = request_id
     return web.json_response(
         {"error": error.refusal.value, "detail": error.message}, status=error.status, headers=headers
-    )
-
-
-def _record(
-    request: web.Request,
-    started: float,
-    raw_path: str,
-    request_id: str,
-    route: RoutePolicy | None,
-    principal: Principal | None,
-    status: int,
-    error: Refusal | None,
-    outcome: Outcome,
-) -> None:
-    code = error.value if error is not None else outcome.error
-    if outcome.client_gone:
-        code = "client_disconnected"
-    level = logging.ERROR if status >= 500 or outcome.error else logging.INFO
-    if not access_log.isEnabledFor(level):
-        return
-    access_log.log(
-        level,
-        "request",
-        extra={
-            "request_id": request_id,
-            "method": request.method,
-            "path": _printable(raw_path),
-            "route": route.config.name if route is not None else None,
-            "user": principal.user if principal is not None else None,
-            "token_id": principal.token_id if principal is not None else None,
-            "status": status,
-            "upstream_status": outcome.upstream_status,
-            "error": code,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        },
     )

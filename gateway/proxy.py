@@ -11,6 +11,7 @@ response has been sent. Once streaming has begun, a failure aborts the connectio
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class Outcome:
     """What happened upstream, for the access log."""
 
     upstream_status: int | None = None
+    upstream_seconds: float | None = None  # from sending the request to its response headers
     error: str | None = None  # a refusal code when the stream broke after headers were sent
     client_gone: bool = False
 
@@ -110,6 +112,7 @@ class Forwarder:
         )
         body, limited = _request_body(request, body_limit)
         session = self._pools.session_for(route)
+        sent = time.perf_counter()
         try:
             upstream = await session.request(
                 request.method,
@@ -126,6 +129,7 @@ class Forwarder:
             _raise_if_too_large(limited, exc)
             raise UpstreamError("upstream refused or broke the connection") from exc
         outcome.upstream_status = upstream.status
+        outcome.upstream_seconds = time.perf_counter() - sent
         try:
             return await self._relay(request, upstream, drop_cors, request_id, outcome)
         finally:

@@ -85,7 +85,7 @@ def cli(config: Path, tmp_path: Path) -> Run:
 
 
 @pytest.fixture
-def cli_in_process(config: Path, capsys: pytest.CaptureFixture[str]) -> Run:
+def gw(config: Path, capsys: pytest.CaptureFixture[str]) -> Run:
     """The same entry point, `main(argv)`, called in this process (fast, for error matrices)."""
 
     def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
@@ -160,40 +160,44 @@ def test_user_and_token_lifecycle(store_url: str, tmp_path: Path) -> None:
     assert secret not in everything and new_secret not in everything
 
 
-def test_user_commands_tables_and_json(cli: Run) -> None:
-    cli("user", "create", "backend-b", "--roles", "reader", "--origins", "https://App.example.com,http://localhost:3000")
-    cli("user", "create", "backend-a")
-    cli("user", "create", "monitor", "--roles", "reader,writer")
-    cli("user", "create", "root", "--admin")
-    table = cli("user", "list").stdout.splitlines()
+def test_user_commands_tables_and_json(gw: Run) -> None:
+    gw(
+        "user", "create", "backend-b", "--roles", "reader",
+        "--origins", "https://App.example.com,http://localhost:3000",
+    )
+    gw("user", "create", "backend-a")
+    gw("user", "create", "monitor", "--roles", "reader,writer")
+    gw("user", "create", "root", "--admin")
+    table = gw("user", "list").stdout.splitlines()
     assert table[0].split()[:3] == ["NAME", "KIND", "ROLES"]
     assert [line.split()[0] for line in table[1:]] == ["backend-a", "backend-b", "monitor", "root"]
-    data = json.loads(cli("user", "list", "--format", "json").stdout)
+    data = json.loads(gw("user", "list", "--format", "json").stdout)
     assert [u["name"] for u in data["items"]] == ["backend-a", "backend-b", "monitor", "root"]
     by_name = {u["name"]: u for u in data["items"]}
     assert by_name["backend-a"]["roles"][0]["name"] == "service-user-project-admin"
     assert by_name["backend-b"]["allowed_origins"] == ["http://localhost:3000", "https://app.example.com"]
     assert by_name["root"]["kind"] == "admin" and by_name["root"]["roles"] == []
     assert set(by_name["monitor"]) == {
-        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled", "created_at", "created_by",
+        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled",
+        "created_at", "created_by",
     }
-    prefixed = json.loads(cli("user", "list", "--id-prefix", "backend-", "--format", "json").stdout)
+    prefixed = json.loads(gw("user", "list", "--id-prefix", "backend-", "--format", "json").stdout)
     assert [u["name"] for u in prefixed["items"]] == ["backend-a", "backend-b"]
-    readers = json.loads(cli("user", "list", "--roles", "reader", "--format", "json").stdout)
+    readers = json.loads(gw("user", "list", "--roles", "reader", "--format", "json").stdout)
     assert [u["name"] for u in readers["items"]] == ["backend-b", "monitor"]
-    details = cli("user", "get", "monitor").stdout
+    details = gw("user", "get", "monitor").stdout
     assert "Name:" in details and "- reader (assigned by cli:" in details
-    updated = cli(
+    updated = gw(
         "user", "update", "backend-b", "--add-roles", "writer", "--remove-origins", "http://localhost:3000",
         "--description", "new text",
     )
     assert "User updated: backend-b" in updated.stdout
-    got = json.loads(cli("user", "get", "backend-b", "--format", "json").stdout)
+    got = json.loads(gw("user", "get", "backend-b", "--format", "json").stdout)
     assert [r["name"] for r in got["roles"]] == ["reader", "writer"]
     assert got["allowed_origins"] == ["https://app.example.com"] and got["description"] == "new text"
-    cli("user", "update", "backend-b", "--enable", "--description", "")
-    assert json.loads(cli("user", "get", "backend-b", "--format", "json").stdout)["description"] is None
-    assert "User deleted: backend-b" in cli("user", "delete", "backend-b").stdout
+    gw("user", "update", "backend-b", "--enable", "--description", "")
+    assert json.loads(gw("user", "get", "backend-b", "--format", "json").stdout)["description"] is None
+    assert "User deleted: backend-b" in gw("user", "delete", "backend-b").stdout
 
 
 def test_token_secret_is_shown_once_and_never_stored(cli: Run, config: Path) -> None:
@@ -221,8 +225,8 @@ def test_token_secret_is_shown_once_and_never_stored(cli: Run, config: Path) -> 
     assert tokens.digest(secret).encode() in stored
 
 
-def test_errors_exit_1_with_messages(cli_in_process: Run) -> None:
-    cli_in_process("user", "create", "svc", "--roles", "reader")
+def test_errors_exit_1_with_messages(gw: Run) -> None:
+    gw("user", "create", "svc", "--roles", "reader")
     cases = [
         (("user", "get", "ghost"), "error: user 'ghost' not found"),
         (("user", "create", "svc"), "error: user 'svc' already exists"),
@@ -239,16 +243,16 @@ def test_errors_exit_1_with_messages(cli_in_process: Run) -> None:
         (("token", "delete", "nope", "--user", "svc"), "error: token 'nope' not found for user 'svc'"),
     ]
     for args, message in cases:
-        done = cli_in_process(*args, expect=1)
+        done = gw(*args, expect=1)
         assert done.stderr.startswith(message), (args, done.stderr)
         assert "Traceback" not in done.stderr
-    cli_in_process("token", "set", "t", "--user", "svc")
-    duplicate = cli_in_process("token", "set", "t", "--user", "svc", expect=1)
+    gw("token", "set", "t", "--user", "svc")
+    duplicate = gw("token", "set", "t", "--user", "svc", expect=1)
     assert duplicate.stderr.startswith("error: token 't' already exists for user 'svc'")
     assert "Access token" not in duplicate.stdout
 
 
-def test_usage_errors_exit_2(cli_in_process: Run, tmp_path: Path) -> None:
+def test_usage_errors_exit_2(gw: Run, tmp_path: Path) -> None:
     for args in [
         ("user", "frobnicate"),
         ("user", "create"),
@@ -259,7 +263,7 @@ def test_usage_errors_exit_2(cli_in_process: Run, tmp_path: Path) -> None:
         ("user", "update", "svc", "--disable", "--bogus"),
         ("serve", "--workers", "0"),
     ]:
-        done = cli_in_process(*args, expect=2)
+        done = gw(*args, expect=2)
         assert "Traceback" not in done.stderr
     for argv in (["user", "list", "--config"], ["user", "list", "--config="]):
         with pytest.raises(SystemExit) as exited:

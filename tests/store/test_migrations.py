@@ -102,7 +102,8 @@ async def test_unreachable_store_after_open_raises_store_unavailable() -> None:
     store = Store(create_engine("postgresql+asyncpg://postgres:hunter2@127.0.0.1:1/nothing"))
     try:
         assert "hunter2" not in store.url and "hunter2" not in repr(store)
-        for call in (store.ping(), store.lookup_token("0" * 64), store.latest_change(), store.changes_since(0)):
+        calls = (store.ping(), store.lookup_token("0" * 64), store.latest_change(), store.changes_since(0))
+        for call in calls:
             with pytest.raises(StoreUnavailable, match="^the store cannot be reached$"):
                 await call
     finally:

@@ -17,15 +17,17 @@ async def test_create_user_defaults_and_json_shape(directory: Directory) -> None
     view = await directory.create_user("svc-a", actor=ACTOR, description="CI job")
     data = view.to_json()
     assert set(data) == {
-        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled", "created_at", "created_by",
+        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled",
+        "created_at", "created_by",
     }
     assert data["name"] == "svc-a" and data["kind"] == "service"
     assert data["href"] == "/v1/service-users/svc-a"
     assert data["description"] == "CI job" and data["disabled"] is False
     assert data["created_by"] == ACTOR
     assert data["allowed_origins"] == []
-    [role] = data["roles"]  # type: ignore[misc]
-    assert role["name"] == DEFAULT_ROLE and role["assigned_by"] == ACTOR
+    assert data["roles"] == [
+        {"name": DEFAULT_ROLE, "assigned_by": ACTOR, "assigned_at": data["created_at"]}
+    ]
     assert isinstance(data["created_at"], str) and data["created_at"].endswith("Z")
     assert "." not in data["created_at"]
     assert await directory.get_user("svc-a") == view
@@ -226,7 +228,8 @@ async def test_token_rules(directory: Directory) -> None:
         await directory.create_token("svc", "u", actor=ACTOR, roles=["reader", "writer"])
     assert caught.value.field == "roles"
     with pytest.raises(Invalid) as caught:
-        await directory.create_token("svc", "u", actor=ACTOR, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        await directory.create_token("svc", "u", actor=ACTOR, expires_at=past)
     assert caught.value.field == "expires_at"
     with pytest.raises(Invalid) as caught:
         await directory.create_token("svc", "Bad Name", actor=ACTOR)
@@ -274,7 +277,9 @@ async def test_removing_a_role_removes_it_from_fixed_token_roles(directory: Dire
 
 async def test_reset_keeps_id_and_changes_secret(directory: Directory) -> None:
     await directory.create_user("svc", actor=ACTOR)
-    view, secret = await directory.create_token("svc", "t", actor=ACTOR, roles=[DEFAULT_ROLE], expires_at=FUTURE)
+    view, secret = await directory.create_token(
+        "svc", "t", actor=ACTOR, roles=[DEFAULT_ROLE], expires_at=FUTURE
+    )
     again, new_secret = await directory.reset_token("svc", "t", actor=ACTOR)
     assert new_secret != secret and new_secret.startswith("gw_")
     assert again == view

@@ -212,7 +212,9 @@ async def _store_text(store: Store, store_url: str) -> bytes:
         await connection.close()
 
 
-async def test_the_store_never_holds_a_token_secret(store: Store, store_url: str, directory: Directory) -> None:
+async def test_the_store_never_holds_a_token_secret(
+    store: Store, store_url: str, directory: Directory
+) -> None:
     await directory.create_user("svc", actor=ACTOR, description="holds secrets?")
     view, first = await directory.create_token("svc", "t", actor=ACTOR, description="d")
     _, second = await directory.reset_token("svc", "t", actor=ACTOR)
