@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
-from gateway.admin import build_admin_app
+from gateway.admin import AdminContext, build_admin_app
 from gateway.auth import Authenticator, LastUsed, TokenCache
 from gateway.changefeed import ChangeFeed
 from gateway.config import Config, load_config
@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, Settings
 from gateway.policy import load_route_table
 from gateway.proxy import Forwarder, UpstreamPools
+from gateway.services import Directory
 from gateway.store import Store, open_store
 
 log = logging.getLogger("gateway.app")
@@ -62,7 +63,25 @@ class Gateway:
         self.pools = UpstreamPools()
         self.metrics = Metrics()
         self.pipeline = Pipeline(settings, self.authenticator, Forwarder(self.pools), self.metrics)
+        self.directory = Directory(store, lambda: self.pipeline.settings.table.role_names())
         self._tasks: list[asyncio.Task[None]] = []
+
+    def admin_context(self) -> AdminContext:
+        """The admin listener's view of this gateway."""
+        return AdminContext(
+            store=self.store,
+            directory=self.directory,
+            authenticator=self.authenticator,
+            cache=self.cache,
+            feed=self.feed,
+            metrics=self.metrics,
+            settings=lambda: self.pipeline.settings,
+            changed=self.changed,
+        )
+
+    def changed(self, user: str) -> None:
+        """A change to `user` made in this process: apply it here at once (others poll the feed)."""
+        self.cache.evict_user(user)
 
     @classmethod
     async def open(cls, config: Config) -> Gateway:
@@ -142,7 +161,7 @@ async def run(config: Config) -> None:
     try:
         for app, (host, port) in (
             (build_proxy_app(gateway), config.proxy_listen),
-            (build_admin_app(gateway.store, gateway.feed), config.admin_listen),
+            (build_admin_app(gateway.admin_context()), config.admin_listen),
         ):
             runner = web.AppRunner(
                 app, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=10

@@ -31,11 +31,14 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        self.cache_hits = Counter(
-            "gateway_token_cache_hits", "Token lookups answered from the cache.", registry=self.registry
+        # Counted by the authenticator as plain ints (cheap on the hot path), copied here per scrape.
+        self.cache_hits = Gauge(
+            "gateway_token_cache_hits_total", "Token lookups answered from the cache.", registry=self.registry
         )
-        self.cache_misses = Counter(
-            "gateway_token_cache_misses", "Token lookups that went to the store.", registry=self.registry
+        self.cache_misses = Gauge(
+            "gateway_token_cache_misses_total",
+            "Token lookups that went to the store.",
+            registry=self.registry,
         )
         self.upstream_latency = Histogram(
             "gateway_upstream_response_seconds",
