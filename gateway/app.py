@@ -20,6 +20,7 @@ from gateway.admin import AdminContext, build_admin_app
 from gateway.auth import Authenticator, LastUsed, TokenCache
 from gateway.changefeed import ChangeFeed
 from gateway.config import Config, load_config
+from gateway.cors import OriginIndex, RouteCors
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.headers import HeaderPolicy
 from gateway.logs import configure as configure_logging
@@ -29,7 +30,7 @@ from gateway.pipeline import Pipeline, Settings
 from gateway.policy import load_route_table
 from gateway.proxy import Forwarder, UpstreamPools
 from gateway.services import Directory
-from gateway.store import Store, open_store
+from gateway.store import Change, Store, open_store
 
 log = logging.getLogger("gateway.app")
 
@@ -43,6 +44,7 @@ def build_settings(config: Config) -> Settings:
         config=config,
         table=table,
         headers=HeaderPolicy(config.identity, config.trusted_proxies),
+        cors={route.name: RouteCors(route.cors) for route in config.routes if route.cors is not None},
     )
 
 
@@ -62,9 +64,15 @@ class Gateway:
         self.authenticator = Authenticator(store, self.cache, self.last_used, store_trusted=self.feed.trusted)
         self.pools = UpstreamPools()
         self.metrics = Metrics()
-        self.pipeline = Pipeline(settings, self.authenticator, Forwarder(self.pools), self.metrics)
+        self.origins = OriginIndex()
+        self.pipeline = Pipeline(
+            settings, self.authenticator, Forwarder(self.pools), self.metrics, self.origins
+        )
+        self.feed.subscribe(self._on_changes)
         self.directory = Directory(store, lambda: self.pipeline.settings.table.role_names())
         self._tasks: list[asyncio.Task[None]] = []
+        self._origin_refresh: asyncio.Task[None] | None = None
+        self._origin_refresh_again = False
 
     def admin_context(self) -> AdminContext:
         """The admin listener's view of this gateway."""
@@ -82,6 +90,30 @@ class Gateway:
     def changed(self, user: str) -> None:
         """A change to `user` made in this process: apply it here at once (others poll the feed)."""
         self.cache.evict_user(user)
+        self._refresh_origins_soon()
+
+    async def catch_up(self) -> None:
+        """Apply every change in the store now, instead of at the next poll."""
+        await self.feed.poll()
+        if self._origin_refresh is not None:
+            await self._origin_refresh
+
+    def _on_changes(self, changes: list[Change]) -> None:
+        self._refresh_origins_soon()
+
+    def _refresh_origins_soon(self) -> None:
+        # Coalesce: one refresh in flight at a time, plus one more if changes arrived meanwhile.
+        if self._origin_refresh is not None and not self._origin_refresh.done():
+            self._origin_refresh_again = True
+            return
+        self._origin_refresh = asyncio.create_task(self._refresh_origins())
+
+    async def _refresh_origins(self) -> None:
+        while True:
+            self._origin_refresh_again = False
+            await self.origins.refresh(self.store)
+            if not self._origin_refresh_again:
+                return
 
     @classmethod
     async def open(cls, config: Config) -> Gateway:
@@ -91,6 +123,7 @@ class Gateway:
         store = await open_store(config.store_url, migrate=True)
         gateway = cls(config, settings, store)
         await gateway.feed.poll()
+        await gateway.origins.refresh(store)
         gateway._tasks = [
             asyncio.create_task(gateway.feed.run(), name="change-feed"),
             asyncio.create_task(gateway._flush_last_used(), name="last-used"),
@@ -131,6 +164,8 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop background work, flush last use, close pools and the store."""
+        if self._origin_refresh is not None:
+            self._tasks.append(self._origin_refresh)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

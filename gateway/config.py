@@ -199,8 +199,22 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     base = absolute.parent
     root = load_yaml_mapping(Path(path), display)
     f = Validator(display)
-    f.keys(root, "", ("listeners", "store", "policies", "trusted_proxies", "identity", "cache",
-                      "routes", "limits", "admin", "log_level"))
+    f.keys(
+        root,
+        "",
+        (
+            "listeners",
+            "store",
+            "policies",
+            "trusted_proxies",
+            "identity",
+            "cache",
+            "routes",
+            "limits",
+            "admin",
+            "log_level",
+        ),
+    )
 
     listeners = f.mapping(root, "listeners", "", ("proxy", "admin"))
     listen = {key: _listen(f, listeners, key) for key in ("proxy", "admin")}
@@ -271,11 +285,30 @@ _IDENTITY_KEYS = ("user_header", "roles_header", "token_id_header")
 _LISTEN_DEFAULTS: dict[str, Address] = {"proxy": ("127.0.0.1", 8080), "admin": ("127.0.0.1", 8081)}
 # Headers the gateway manages itself: an identity header with one of these names
 # would either be dropped as hop-by-hop or collide with what the proxy sets.
-_RESERVED_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "host", "connection", "keep-alive", "te", "trailer",
-    "transfer-encoding", "upgrade", "content-length", "content-type", "cookie", "expect", "origin",
-    "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "x-request-id",
-})
+_RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "host",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-type",
+        "cookie",
+        "expect",
+        "origin",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "x-request-id",
+    }
+)
 
 
 def _listen(f: Validator, node: LineDict, key: str) -> Address:
@@ -329,8 +362,17 @@ def _identity(f: Validator, node: LineDict) -> IdentityConfig:
     return IdentityConfig(*values)
 
 
-_ROUTE_KEYS = ("name", "prefix", "upstream", "timeout", "strip_prefix", "preserve_host", "max_body",
-               "max_connections", "cors")
+_ROUTE_KEYS = (
+    "name",
+    "prefix",
+    "upstream",
+    "timeout",
+    "strip_prefix",
+    "preserve_host",
+    "max_body",
+    "max_connections",
+    "cors",
+)
 
 
 def _routes(f: Validator, root: LineDict) -> tuple[RouteConfig, ...]:
@@ -346,8 +388,11 @@ def _routes(f: Validator, root: LineDict) -> tuple[RouteConfig, ...]:
         if name and not NAME_RE.match(name):
             f.add(item.line_of("name"), f"{where}.name", f"must match {NAME_RE.pattern}")
         elif name in names:
-            f.add(item.line_of("name"), f"{where}.name",
-                  f"route {name!r} is already defined at line {names[name]}")
+            f.add(
+                item.line_of("name"),
+                f"{where}.name",
+                f"route {name!r} is already defined at line {names[name]}",
+            )
         names.setdefault(name, item.line_of("name"))
         prefix = f.string(item, "prefix", where, required=True) or ""
         problem = _prefix_problem(prefix) if prefix else None
@@ -355,26 +400,33 @@ def _routes(f: Validator, root: LineDict) -> tuple[RouteConfig, ...]:
             f.add(item.line_of("prefix"), f"{where}.prefix", problem)
         elif prefix in prefixes:
             other, other_line = prefixes[prefix]
-            f.add(item.line_of("prefix"), f"{where}.prefix",
-                  f"{prefix!r} is already the prefix of route {other!r} (line {other_line})")
+            f.add(
+                item.line_of("prefix"),
+                f"{where}.prefix",
+                f"{prefix!r} is already the prefix of route {other!r} (line {other_line})",
+            )
         prefixes.setdefault(prefix, (name, item.line_of("prefix")))
         upstream = f.string(item, "upstream", where, required=True) or ""
         try:
             upstream = _upstream(upstream) if upstream else ""
         except ValueError as exc:
             f.add(item.line_of("upstream"), f"{where}.upstream", str(exc))
-        routes.append(RouteConfig(
-            name=name,
-            prefix=prefix,
-            upstream=upstream,
-            timeout=f.number(item, "timeout", where, 30.0),
-            strip_prefix=f.boolean(item, "strip_prefix", where, False),
-            preserve_host=f.boolean(item, "preserve_host", where, False),
-            max_body=f.integer(item, "max_body", where, 0) or None,
-            max_connections=f.integer(item, "max_connections", where, 100),
-            cors=_cors(f, item["cors"], item.line_of("cors"), f"{where}.cors") if "cors" in item else None,
-            source=f"{f.file}:{line}",
-        ))
+        routes.append(
+            RouteConfig(
+                name=name,
+                prefix=prefix,
+                upstream=upstream,
+                timeout=f.number(item, "timeout", where, 30.0),
+                strip_prefix=f.boolean(item, "strip_prefix", where, False),
+                preserve_host=f.boolean(item, "preserve_host", where, False),
+                max_body=f.integer(item, "max_body", where, 0) or None,
+                max_connections=f.integer(item, "max_connections", where, 100),
+                cors=_cors(f, item["cors"], item.line_of("cors"), f"{where}.cors")
+                if "cors" in item
+                else None,
+                source=f"{f.file}:{line}",
+            )
+        )
     return tuple(routes)
 
 
@@ -427,9 +479,17 @@ def _cors(f: Validator, node: object, line: int, where: str) -> CorsConfig | Non
         store = f.boolean(origins, "store", f"{where}.origins", True)
         extra = tuple(dict.fromkeys(f.strings(origins, "extra", f"{where}.origins", normalize_origin)))
     elif "origins" in node and origins != "store":
-        f.add(node.line_of("origins"), f"{where}.origins",
-              "must be `store`, a list of origins, or {store: true|false, extra: [...]}")
+        f.add(
+            node.line_of("origins"),
+            f"{where}.origins",
+            "must be `store`, a list of origins, or {store: true|false, extra: [...]}",
+        )
     allow = _header_names(f, node, "allow_headers", where) if "allow_headers" in node else _ALLOW
     expose = _header_names(f, node, "expose_headers", where) if "expose_headers" in node else _EXPOSE
-    return CorsConfig(store=store, extra=extra, allow_headers=allow, expose_headers=expose,
-                      max_age=f.integer(node, "max_age", where, 600, allow_zero=True))
+    return CorsConfig(
+        store=store,
+        extra=extra,
+        allow_headers=allow,
+        expose_headers=expose,
+        max_age=f.integer(node, "max_age", where, 600, allow_zero=True),
+    )

@@ -114,9 +114,7 @@ class RoleAssignment(Base):
     __tablename__ = "role_assignments"
     __table_args__ = (Index(None, "role"),)
 
-    user_id: Mapped[int] = mapped_column(
-        ForeignKey("service_users.id", ondelete="CASCADE"), primary_key=True
-    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("service_users.id", ondelete="CASCADE"), primary_key=True)
     role: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     assigned_by: Mapped[str] = mapped_column(String(255))
     assigned_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -127,9 +125,7 @@ class AllowedOrigin(Base):
 
     __tablename__ = "allowed_origins"
 
-    user_id: Mapped[int] = mapped_column(
-        ForeignKey("service_users.id", ondelete="CASCADE"), primary_key=True
-    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("service_users.id", ondelete="CASCADE"), primary_key=True)
     origin: Mapped[str] = mapped_column(String(255), primary_key=True)
 
 

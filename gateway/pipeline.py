@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway.auth import Authenticator
 from gateway.config import Config
-from gateway.errors import BadRequest, Forbidden, GatewayError, Refusal, RouteNotFound
+from gateway.cors import OriginIndex, RouteCors, canonical_origin
+from gateway.errors import BadRequest, Forbidden, GatewayError, OriginNotAllowed, Refusal, RouteNotFound
 from gateway.headers import HeaderPolicy, comma_join, request_id_from
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics
@@ -47,18 +49,25 @@ class Settings:
     config: Config
     table: RouteTable
     headers: HeaderPolicy
+    cors: Mapping[str, RouteCors]  # by route name; routes without a `cors` block are absent
 
 
 class Pipeline:
     """The proxy listener's request handler (one per process)."""
 
     def __init__(
-        self, settings: Settings, authenticator: Authenticator, forwarder: Forwarder, metrics: Metrics
+        self,
+        settings: Settings,
+        authenticator: Authenticator,
+        forwarder: Forwarder,
+        metrics: Metrics,
+        origins: OriginIndex,
     ) -> None:
         self.settings = settings
         self._authenticator = authenticator
         self._forwarder = forwarder
         self._metrics = metrics
+        self._origins = origins
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Run the pipeline for one request; never raises a GatewayError."""
@@ -68,18 +77,31 @@ class Pipeline:
         raw_path, query = split_target(request.raw_path)
         route: RoutePolicy | None = None
         principal: Principal | None = None
+        cors: RouteCors | None = None
+        origin: str | None = None
         outcome = Outcome()
         try:
             route, canonical, encoded = _resolve(settings.table, raw_path)
-            rule = route.first_match(request.method, canonical)
-            if rule is None or not rule.public:
-                principal = await self._authenticator.authenticate(
-                    request.headers.getall("Authorization", [])
-                )
-                _authorize(settings.table, principal, rule, request.method, canonical)
-            elif len(request.headers.getall("Authorization", [])) > 1:
-                raise BadRequest("more than one Authorization header")
             config = route.config
+            cors = settings.cors.get(config.name)
+            if cors is not None and "Origin" in request.headers:
+                origin = canonical_origin(request.headers["Origin"])
+                requested = request.headers.get("Access-Control-Request-Method")
+                if request.method == "OPTIONS" and requested is not None:
+                    # A preflight carries no credentials: answered here, never forwarded.
+                    preflight = cors.preflight(origin, requested, self._origins)
+                    preflight["X-Request-Id"] = request_id
+                    self._record(request, started, raw_path, request_id, route, None, 204, None, outcome)
+                    return web.Response(status=204, headers=preflight)
+            rule = route.first_match(request.method, canonical)
+            authorization = request.headers.getall("Authorization", [])
+            if rule is None or not rule.public:
+                principal = await self._authenticator.authenticate(authorization)
+                _authorize(settings.table, principal, rule, request.method, canonical)
+            elif len(authorization) > 1:
+                raise BadRequest("more than one Authorization header")
+            if cors is not None and "Origin" in request.headers:
+                self._check_origin(cors, origin, principal)
             identity = None
             if principal is not None:
                 identity = (principal.user, comma_join(principal.roles), principal.token_id)
@@ -92,10 +114,8 @@ class Pipeline:
                 identity=identity,
             )
             upstream_path = encoded
-            if config.strip_prefix and config.prefix != "/":
-                upstream_path = encoded[len(config.prefix) :] or "/"
-                if not upstream_path.startswith("/"):
-                    upstream_path = "/" + upstream_path
+            if config.strip_prefix:
+                upstream_path = _strip_prefix(encoded, config.prefix)
             if request.headers.get("Expect", "").lower() == "100-continue" and request.writer is not None:
                 # Only now, after authorisation, may the client start sending its body.
                 await request.writer.write(_CONTINUE)
@@ -106,12 +126,20 @@ class Pipeline:
                 query=query,
                 headers=headers,
                 body_limit=config.max_body or settings.config.max_body,
-                drop_cors=config.cors is not None,
+                cors_headers=cors.response_headers(origin) if cors is not None else None,
                 request_id=request_id,
                 outcome=outcome,
             )
         except GatewayError as error:
             response = refusal(error, request_id)
+            if (
+                cors is not None
+                and origin is not None
+                and not isinstance(error, OriginNotAllowed)
+                and cors.allowed_on_route(origin, self._origins)
+            ):
+                # So the page can read the JSON error instead of a bare CORS failure.
+                response.headers.update(cors.response_headers(origin))
             if request.body_exists and not request.content.is_eof():
                 # An unread body must not be taken for the next request on this connection.
                 response.force_close()
@@ -129,6 +157,14 @@ class Pipeline:
             return response
         self._record(request, started, raw_path, request_id, route, principal, response.status, None, outcome)
         return response
+
+    def _check_origin(self, cors: RouteCors, origin: str | None, principal: Principal | None) -> None:
+        if origin is not None:
+            if principal is not None and cors.allowed_for_user(origin, principal.origins):
+                return
+            if principal is None and cors.allowed_on_route(origin, self._origins):
+                return  # a public rule: no user, so any origin allowed on the route
+        raise OriginNotAllowed("this origin is not allowed for this service user on this route")
 
     def _record(
         self,
@@ -195,6 +231,13 @@ def _authorize(table: RouteTable, principal: Principal, rule: Rule | None, metho
     required = rule.require
     if required is None or not table.allows(principal.roles, required):
         raise Forbidden(f"permission '{required}' is required")
+
+
+def _strip_prefix(encoded: str, prefix: str) -> str:
+    # Count segments, not characters: the encoded path may spell the prefix differently.
+    depth = 0 if prefix == "/" else prefix.count("/")
+    parts = encoded.split("/", depth + 1)
+    return "/" + parts[depth + 1] if len(parts) > depth + 1 else "/"
 
 
 def _printable(path: str) -> str:

@@ -58,8 +58,10 @@ def parse_glob(glob: str) -> tuple[str, ...]:
         if "*" in segment and segment not in (STAR, DSTAR):
             raise ValueError(f"'*' must be a whole segment ('*' or '**'), not part of {segment!r}")
         if any(ch in "%?#;\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in segment):
-            raise ValueError("must not contain '%', '?', '#', ';', '\\' or control characters "
-                             "(globs match the decoded path, without the query)")
+            raise ValueError(
+                "must not contain '%', '?', '#', ';', '\\' or control characters "
+                "(globs match the decoded path, without the query)"
+            )
     return segments
 
 
@@ -281,8 +283,13 @@ class _Loader:
             else:
                 includes.append(item)
                 self.include_lines.setdefault(name, []).append((item, v, item_line))
-        self.roles[name] = Role(name, v.string(body, "description", where), tuple(permissions),
-                                tuple(includes), f"{v.file}:{line}")
+        self.roles[name] = Role(
+            name,
+            v.string(body, "description", where),
+            tuple(permissions),
+            tuple(includes),
+            f"{v.file}:{line}",
+        )
 
     def route_rules(self, v: Validator, routes: LineDict, name: str) -> None:
         line, where = routes.key_lines[name], f"routes.{name}"
@@ -305,8 +312,12 @@ class _Loader:
                 continue
             for earlier in rules:
                 if _shadows(earlier, rule):
-                    v.add(item_line, path, f"rule shadowed by the rule at {earlier.source} "
-                          "(it covers all its methods and paths)")
+                    v.add(
+                        item_line,
+                        path,
+                        f"rule shadowed by the rule at {earlier.source} "
+                        "(it covers all its methods and paths)",
+                    )
                     break
             rules.append(rule)
             if route is not None:
@@ -345,15 +356,20 @@ class _Loader:
         for glob in rule.paths:
             tokens = parse_glob(glob)
             if not _globs_intersect(own, tokens):
-                self.warnings.append(f"{v.file}:{line}: {where}: {glob!r} can never match: route "
-                                     f"{route.name!r} only receives paths under {route.prefix!r}")
+                self.warnings.append(
+                    f"{v.file}:{line}: {where}: {glob!r} can never match: route "
+                    f"{route.name!r} only receives paths under {route.prefix!r}"
+                )
                 continue
             for other in self.config.routes:
-                longer = other.prefix != route.prefix and (route.prefix == "/" or
-                                                           other.prefix.startswith(route.prefix + "/"))
+                longer = other.prefix != route.prefix and (
+                    route.prefix == "/" or other.prefix.startswith(route.prefix + "/")
+                )
                 if longer and glob_covers(_prefix_tokens(other.prefix), tokens):
-                    self.warnings.append(f"{v.file}:{line}: {where}: {glob!r} can never match: those paths "
-                                         f"go to route {other.name!r} (prefix {other.prefix!r})")
+                    self.warnings.append(
+                        f"{v.file}:{line}: {where}: {glob!r} can never match: those paths "
+                        f"go to route {other.name!r} (prefix {other.prefix!r})"
+                    )
                     break
 
     def check_roles(self) -> None:
@@ -371,7 +387,7 @@ class _Loader:
             stack.append(name)
             for include, v, line in self.include_lines.get(name, ()):
                 if state.get(include) == 1:
-                    cycle = [*stack[stack.index(include):], include]
+                    cycle = [*stack[stack.index(include) :], include]
                     v.add(line, f"roles.{name}.includes", f"include cycle: {' -> '.join(cycle)}")
                 elif include in self.roles and include not in state:
                     visit(include)
@@ -385,8 +401,10 @@ class _Loader:
 
 def _permission(text: str) -> str:
     if not PERMISSION_RE.match(text):
-        raise ValueError(f"{text!r} is not a permission (NAME[:PART...], '*' only as a whole last part "
-                         "like 'orders:*', or '*' alone)")
+        raise ValueError(
+            f"{text!r} is not a permission (NAME[:PART...], '*' only as a whole last part "
+            "like 'orders:*', or '*' alone)"
+        )
     return text
 
 
@@ -431,8 +449,10 @@ def load_route_table(config: Config) -> RouteTable:
     # (Rules that were written but are wrong were reported already.)
     for route in config.routes:
         if not loader.rule_count.get(route.name):
-            problems.append(f"{route.source}: route {route.name!r} has no rules in policies/: "
-                            "every request would be refused")
+            problems.append(
+                f"{route.source}: route {route.name!r} has no rules in policies/: "
+                "every request would be refused"
+            )
     if problems:
         raise ConfigError(problems)
     policies = (RoutePolicy(route, loader.rules[route.name][0]) for route in config.routes)

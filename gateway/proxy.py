@@ -98,7 +98,7 @@ class Forwarder:
         query: str,
         headers: CIMultiDict[str],
         body_limit: int,
-        drop_cors: bool,
+        cors_headers: dict[str, str] | None,
         request_id: str,
         outcome: Outcome,
     ) -> web.StreamResponse:
@@ -131,7 +131,7 @@ class Forwarder:
         outcome.upstream_status = upstream.status
         outcome.upstream_seconds = time.perf_counter() - sent
         try:
-            return await self._relay(request, upstream, drop_cors, request_id, outcome)
+            return await self._relay(request, upstream, cors_headers, request_id, outcome)
         finally:
             upstream.release()
 
@@ -139,15 +139,19 @@ class Forwarder:
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
-        drop_cors: bool,
+        cors_headers: dict[str, str] | None,
         request_id: str,
         outcome: Outcome,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=response_headers(upstream.headers, drop_cors=drop_cors, request_id=request_id),
+        headers = response_headers(
+            upstream.headers, drop_cors=cors_headers is not None, request_id=request_id
         )
+        if cors_headers:
+            for name, value in cors_headers.items():
+                if name == "Vary" and "Vary" in headers:
+                    value = f"{headers['Vary']}, {value}"
+                headers[name] = value
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
             await response.prepare(request)
             if request.method != "HEAD":

@@ -117,9 +117,7 @@ class Store:
         self.engine = engine
         self.dialect: str = engine.dialect.name
         self.url: str = engine.url.render_as_string(hide_password=True)
-        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
-            engine, expire_on_commit=False
-        )
+        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(engine, expire_on_commit=False)
         # Same pool; on SQLite its transactions take the write lock up front (see _begin).
         self.write_sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             engine.execution_options(**{_IMMEDIATE: True}), expire_on_commit=False

@@ -97,6 +97,13 @@ routes:
     rules:
       - paths: ["/strip/**"]
         require: "echo:read"
+  browser:
+    rules:
+      - methods: [POST]
+        paths: ["/app/public"]
+        public: true
+      - paths: ["/app/**"]
+        require: "echo:read"
 """
 
 
@@ -123,7 +130,12 @@ def write_config(
         f'  - name: echo\n    prefix: /echo\n    upstream: "{upstream_url}"\n    timeout: 2\n{options}'
         f'  - name: deep\n    prefix: /echo/deep\n    upstream: "{upstream_url}"\n'
         f'  - name: strip\n    prefix: /strip\n    upstream: "{upstream_url}"\n    strip_prefix: true\n'
-        + textwrap.dedent(extra_yaml)
+        f'  - name: browser\n    prefix: /app\n    upstream: "{upstream_url}"\n'
+        "    cors:\n"
+        '      origins: {store: true, extra: ["http://fixed.example:8000"]}\n'
+        "      allow_headers: [Authorization, Content-Type]\n"
+        "      expose_headers: [X-Request-Id]\n"
+        "      max_age: 600\n" + textwrap.dedent(extra_yaml)
     )
     return config
 
@@ -144,6 +156,10 @@ class Harness:
     async def send(self, method: str, path: str, **kwargs: Any) -> ClientResponse:
         """Send `path` byte for byte (dot segments and escapes intact)."""
         return await self.client.session.request(method, self.url(path), **kwargs)
+
+    async def settle(self) -> None:
+        """Let the gateway apply store changes made by `directory` (another process, in effect)."""
+        await self.gateway.catch_up()
 
     async def token(
         self, user: str = "svc", *, roles: list[str] | None = None, token_roles: list[str] | None = None

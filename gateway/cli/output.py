@@ -97,7 +97,14 @@ def tokens_table(tokens: Sequence[TokenView]) -> str:
     """Tokens, one per row (never a secret: views have none)."""
     return table(
         [
-            "NAME", "ID", "ROLES", "EXPIRES AT", "STATUS", "LAST USED", "CREATED AT", "CREATED BY",
+            "NAME",
+            "ID",
+            "ROLES",
+            "EXPIRES AT",
+            "STATUS",
+            "LAST USED",
+            "CREATED AT",
+            "CREATED BY",
             "DESCRIPTION",
         ],
         [

@@ -1,0 +1,385 @@
+"""The admin REST API under /v1: request parsing, calls into `services.Directory`, JSON answers.
+
+Imports: errors, services, timeparse, config (origins, route/role shapes), policy, store (Principal),
+aiohttp. Every business rule lives in `services.Directory` (shared with the CLI); this module only
+turns HTTP into typed arguments and views into CONTRACT.md JSON.
+
+Body rules: the body must be a JSON object sent as `application/json` (else 400 `bad_request`);
+an unknown field or a value of the wrong type is 422 `invalid` naming the field. Strings holding
+NUL or unpaired surrogates are refused (422) before they can reach the store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+from gateway.config import CorsConfig, RouteConfig, normalize_origin
+from gateway.errors import BadRequest, Invalid, NotFound
+from gateway.policy import Role
+from gateway.services import NAME_PATTERN, UNSET, TokenView, Unset, validate_name
+from gateway.store import Principal
+from gateway.timeparse import parse_time
+
+if TYPE_CHECKING:
+    from gateway.admin import AdminContext
+
+__all__ = ["MAX_BODY_BYTES", "PRINCIPAL", "AdminApi"]
+
+PRINCIPAL: Final = web.RequestKey("admin_principal", Principal)
+"""The authenticated admin identity, set by the admin listener's middleware before a /v1 handler runs."""
+
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_DESCRIPTION: Final = 1024
+MAX_ORIGIN: Final = 255  # the store's column width
+MAX_LIST: Final = 100
+DEFAULT_AUDIT_LIMIT: Final = 100
+_LIMIT_RE: Final = re.compile(r"[0-9]{1,7}")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _clean(value: str, field: str) -> str:
+    """`value` if the store can hold it (no NUL, valid UTF-8), else Invalid(field)."""
+    if "\x00" in value:
+        raise Invalid(field, f"{field} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid(field, f"{field} must be valid Unicode text") from None
+    return value
+
+
+def _name(value: str, field: str = "name") -> str:
+    """A user or token name, matched on the whole string (a trailing newline is not allowed)."""
+    if NAME_PATTERN.fullmatch(value) is None:
+        validate_name("\x00", field)  # raises Invalid(field) with the service layer's message
+    return validate_name(value, field)
+
+
+def _reject_constant(constant: str) -> object:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:100]!r}")
+        result[key] = value
+    return result
+
+
+async def read_object(request: web.Request) -> dict[str, object]:
+    """The request body as a JSON object; BadRequest for another type, bad JSON or a non-object."""
+    content_type = request.content_type
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise BadRequest("send a JSON object with Content-Type: application/json")
+    raw = await request.read()
+    try:
+        value = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+        )
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("the body must be a JSON object")
+    return value
+
+
+class Body:
+    """The fields of one JSON object body, read one by one by type; unknown fields are refused."""
+
+    def __init__(self, body: dict[str, object], allowed: tuple[str, ...]) -> None:
+        for key in body:
+            if key not in allowed:
+                shown = key[:100]
+                raise Invalid(shown, f"unknown field {shown!r}; allowed: {', '.join(allowed)}")
+        self._body = body
+
+    def __contains__(self, field: str) -> bool:
+        return field in self._body
+
+    def text(self, field: str, *, nullable: bool = True) -> str | None:
+        """A string (None when absent or null and `nullable`)."""
+        value = self._body.get(field)
+        if value is None:
+            if not nullable:
+                raise Invalid(field, f"{field} is required")
+            return None
+        if not isinstance(value, str):
+            raise Invalid(field, f"{field} must be a string" + (" or null" if nullable else ""))
+        if field == "description" and len(value) > MAX_DESCRIPTION:
+            raise Invalid(field, f"{field} must be at most {MAX_DESCRIPTION} characters")
+        return _clean(value, field)
+
+    def strings(self, field: str, *, nullable: bool) -> list[str] | None:
+        """A list of strings (None when absent, or null and `nullable`)."""
+        if field not in self._body:
+            return None
+        value = self._body[field]
+        if value is None and nullable:
+            return None
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise Invalid(field, f"{field} must be a list of strings" + (" or null" if nullable else ""))
+        if len(value) > MAX_LIST:
+            raise Invalid(field, f"{field} may hold at most {MAX_LIST} items")
+        return [_clean(str(item), field) for item in value]
+
+    def boolean(self, field: str) -> bool | None:
+        """true or false (None when absent)."""
+        if field not in self._body:
+            return None
+        value = self._body[field]
+        if not isinstance(value, bool):
+            raise Invalid(field, f"{field} must be true or false")
+        return value
+
+    def time(self, field: str) -> datetime | None:
+        """An ISO 8601 date or date-time (None when absent or null)."""
+        text = self.text(field)
+        return None if text is None else parse_time_field(text, field)
+
+
+def parse_time_field(text: str, field: str) -> datetime:
+    """An ISO 8601 date or date-time (CONTRACT.md "Times"); Invalid(field) when it is not one."""
+    try:
+        # RFC 3339 allows a lower-case "t" and "z"; fromisoformat does not.
+        return parse_time(text.upper())
+    except (ValueError, OverflowError) as exc:
+        message = str(exc) if isinstance(exc, ValueError) else f"{text[:60]!r} is out of range"
+        raise Invalid(field, message) from None
+
+
+def origins(values: list[str] | None) -> list[str] | None:
+    """Origins the store can hold (the service layer normalises and validates them again)."""
+    if values is None:
+        return None
+    for value in values:
+        try:
+            normalised = normalize_origin(value)
+        except ValueError as exc:
+            raise Invalid("allowed_origins", str(exc)) from None
+        if len(normalised) > MAX_ORIGIN:
+            raise Invalid("allowed_origins", f"an origin may be at most {MAX_ORIGIN} characters long")
+    return values
+
+
+def query(request: web.Request, field: str) -> str | None:
+    """One query parameter; an empty value counts as absent, a repeated one is refused."""
+    values = request.query.getall(field, [])
+    if len(values) > 1:
+        raise Invalid(field, f"{field} may be given only once")
+    if not values or values[0] == "":
+        return None
+    return _clean(values[0], field)
+
+
+def path_name(request: web.Request, key: str, what: str, owner: str = "") -> str:
+    """A user or token name from the path; a name that cannot exist is simply not found."""
+    value = request.match_info[key]
+    if NAME_PATTERN.fullmatch(value) is None:
+        raise NotFound(f"{what} not found (not a valid {what} name)")
+    return value
+
+
+def token_answer(view: TokenView, secret: str) -> dict[str, object]:
+    """A create/reset answer: the token object plus its secret, shown this once."""
+    return {**view.to_json(), "token": secret}
+
+
+def role_json(role: Role) -> dict[str, object]:
+    """A `/v1/roles` item."""
+    return {
+        "name": role.name,
+        "description": role.description,
+        "permissions": list(role.permissions),
+        "includes": list(role.includes),
+    }
+
+
+def cors_json(cors: CorsConfig | None) -> dict[str, object] | None:
+    """A route's `cors` block as the admin API shows it."""
+    if cors is None:
+        return None
+    return {
+        "origins": {"store": cors.store, "extra": list(cors.extra)},
+        "allow_headers": list(cors.allow_headers),
+        "expose_headers": list(cors.expose_headers),
+        "max_age": cors.max_age,
+    }
+
+
+def route_json(route: RouteConfig) -> dict[str, object]:
+    """A `/v1/routes` item."""
+    return {
+        "name": route.name,
+        "prefix": route.prefix,
+        "upstream": route.upstream,
+        "timeout": route.timeout,
+        "strip_prefix": route.strip_prefix,
+        "preserve_host": route.preserve_host,
+        "cors": cors_json(route.cors),
+    }
+
+
+def items(values: list[dict[str, object]]) -> web.Response:
+    """A list answer: `{"items": [...]}`."""
+    return web.json_response({"items": values})
+
+
+class AdminApi:
+    """The /v1 handlers over one AdminContext; `routes()` lists (method, path, handler)."""
+
+    def __init__(self, context: AdminContext) -> None:
+        self._context = context
+        self._directory = context.directory
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """Every /v1 endpoint of CONTRACT.md."""
+        user, token = "/v1/service-users/{name}", "/v1/service-users/{name}/tokens/{token}"
+        return [
+            ("GET", "/v1/service-users", self.list_users),
+            ("POST", "/v1/service-users", self.create_user),
+            ("GET", user, self.get_user),
+            ("PATCH", user, self.update_user),
+            ("DELETE", user, self.delete_user),
+            ("GET", user + "/tokens", self.list_tokens),
+            ("POST", user + "/tokens", self.create_token),
+            ("POST", token + "/reset", self.reset_token),
+            ("POST", token + "/expire", self.expire_token),
+            ("DELETE", token, self.delete_token),
+            ("GET", "/v1/roles", self.list_roles),
+            ("GET", "/v1/routes", self.list_routes),
+            ("GET", "/v1/audit-events", self.list_audit),
+        ]
+
+    def _changed(self, user: str) -> None:
+        # Applies the change on this instance at once; other instances poll the change feed.
+        self._context.changed(user)
+
+    async def list_users(self, request: web.Request) -> web.Response:
+        """GET /v1/service-users?prefix=&role="""
+        prefix, role = query(request, "prefix"), query(request, "role")
+        users = await self._directory.list_users(prefix=prefix, role=role)
+        return items([user.to_json() for user in users])
+
+    async def create_user(self, request: web.Request) -> web.Response:
+        """POST /v1/service-users"""
+        body = Body(await read_object(request), ("name", "description", "roles", "allowed_origins"))
+        name = _name(body.text("name", nullable=False) or "")
+        description = body.text("description")
+        roles = body.strings("roles", nullable=True)
+        allowed = origins(body.strings("allowed_origins", nullable=True)) or []
+        view = await self._directory.create_user(
+            name, actor=request[PRINCIPAL].user, roles=roles, description=description, origins=allowed
+        )
+        self._changed(name)
+        return web.json_response(view.to_json(), status=201, headers={"Location": view.href})
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        """GET /v1/service-users/{name}"""
+        view = await self._directory.get_user(path_name(request, "name", "user"))
+        return web.json_response(view.to_json())
+
+    async def update_user(self, request: web.Request) -> web.Response:
+        """PATCH /v1/service-users/{name}: given fields replace the old values (roles and origins whole)."""
+        name = path_name(request, "name", "user")
+        body = Body(await read_object(request), ("description", "roles", "allowed_origins", "disabled"))
+        description: str | None | Unset = body.text("description") if "description" in body else UNSET
+        view = await self._directory.update_user(
+            name,
+            actor=request[PRINCIPAL].user,
+            description=description,
+            roles=body.strings("roles", nullable=False),
+            origins=origins(body.strings("allowed_origins", nullable=False)),
+            disabled=body.boolean("disabled"),
+        )
+        self._changed(name)
+        return web.json_response(view.to_json())
+
+    async def delete_user(self, request: web.Request) -> web.Response:
+        """DELETE /v1/service-users/{name} (its tokens go with it)."""
+        name = path_name(request, "name", "user")
+        await self._directory.delete_user(name, actor=request[PRINCIPAL].user)
+        self._changed(name)
+        return web.Response(status=204)
+
+    async def list_tokens(self, request: web.Request) -> web.Response:
+        """GET /v1/service-users/{name}/tokens"""
+        views = await self._directory.list_tokens(path_name(request, "name", "user"))
+        return items([view.to_json() for view in views])
+
+    async def create_token(self, request: web.Request) -> web.Response:
+        """POST /v1/service-users/{name}/tokens: 201 with the secret, shown this once."""
+        user = path_name(request, "name", "user")
+        body = Body(await read_object(request), ("name", "description", "expires_at", "roles"))
+        name = _name(body.text("name", nullable=False) or "")
+        view, secret = await self._directory.create_token(
+            user,
+            name,
+            actor=request[PRINCIPAL].user,
+            description=body.text("description"),
+            expires_at=body.time("expires_at"),
+            roles=body.strings("roles", nullable=True),
+        )
+        self._changed(user)
+        return web.json_response(token_answer(view, secret), status=201)
+
+    async def reset_token(self, request: web.Request) -> web.Response:
+        """POST .../tokens/{token}/reset: same id, new secret (shown this once)."""
+        user = path_name(request, "name", "user")
+        token = path_name(request, "token", "token")
+        view, secret = await self._directory.reset_token(user, token, actor=request[PRINCIPAL].user)
+        self._changed(user)
+        return web.json_response(token_answer(view, secret))
+
+    async def expire_token(self, request: web.Request) -> web.Response:
+        """POST .../tokens/{token}/expire: it stops working at once and stays listed."""
+        user = path_name(request, "name", "user")
+        token = path_name(request, "token", "token")
+        view = await self._directory.expire_token(user, token, actor=request[PRINCIPAL].user)
+        self._changed(user)
+        return web.json_response(view.to_json())
+
+    async def delete_token(self, request: web.Request) -> web.Response:
+        """DELETE .../tokens/{token}"""
+        user = path_name(request, "name", "user")
+        token = path_name(request, "token", "token")
+        await self._directory.delete_token(user, token, actor=request[PRINCIPAL].user)
+        self._changed(user)
+        return web.Response(status=204)
+
+    async def list_roles(self, request: web.Request) -> web.Response:
+        """GET /v1/roles: the roles policies/ defines now, by name."""
+        roles = self._context.settings().table.roles
+        return items([role_json(roles[name]) for name in sorted(roles)])
+
+    async def list_routes(self, request: web.Request) -> web.Response:
+        """GET /v1/routes: the routes of the live configuration, in config order."""
+        return items([route_json(route) for route in self._context.settings().config.routes])
+
+    async def list_audit(self, request: web.Request) -> web.Response:
+        """GET /v1/audit-events?actor=&since=&limit= (newest first)."""
+        actor = query(request, "actor")
+        since_text = query(request, "since")
+        since = None if since_text is None else parse_time_field(since_text, "since")
+        limit = DEFAULT_AUDIT_LIMIT
+        limit_values = request.query.getall("limit", [])
+        if len(limit_values) > 1:
+            raise Invalid("limit", "limit may be given only once")
+        if limit_values:
+            if _LIMIT_RE.fullmatch(limit_values[0]) is None:
+                raise Invalid("limit", "limit must be an integer between 1 and 1000")
+            limit = int(limit_values[0])
+        events = await self._directory.list_audit(actor=actor, since=since, limit=limit)
+        return items([event.to_json() for event in events])
