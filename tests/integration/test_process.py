@@ -66,7 +66,9 @@ async def test_request_log_lines_and_no_secret_anywhere(running: tuple[GatewayPr
         ) as ok:
             assert ok.status == 200
             request_id = ok.headers["X-Request-Id"]
-        async with session.get(f"{process.proxy}/echo/a", headers={"Authorization": "Bearer " + token[:-1]}) as bad:
+        async with session.get(
+            f"{process.proxy}/echo/a", headers={"Authorization": "Bearer " + token[:-1]}
+        ) as bad:
             assert bad.status == 401
         async with session.get(f"{process.proxy}/nowhere") as missing:
             assert missing.status == 404
@@ -87,7 +89,9 @@ async def test_request_log_lines_and_no_secret_anywhere(running: tuple[GatewayPr
     assert token.encode() not in (config.parent / "gateway.db").read_bytes()
 
 
-async def test_cli_revocation_reaches_the_server_within_a_second(running: tuple[GatewayProcess, Path]) -> None:
+async def test_cli_revocation_reaches_the_server_within_a_second(
+    running: tuple[GatewayProcess, Path],
+) -> None:
     process, config = running
     token = secret_from(cli(config, "token", "set", "short", "--user", "logger").stdout)
     headers = {"Authorization": f"Bearer {token}"}
@@ -101,7 +105,9 @@ async def test_cli_revocation_reaches_the_server_within_a_second(running: tuple[
             assert (await after.json())["error"] == "token_expired"
 
 
-async def test_sighup_reloads_and_keeps_the_old_version_when_bad(running: tuple[GatewayProcess, Path]) -> None:
+async def test_sighup_reloads_and_keeps_the_old_version_when_bad(
+    running: tuple[GatewayProcess, Path],
+) -> None:
     process, config = running
     token = secret_from(cli(config, "token", "set", "hup", "--user", "logger").stdout)
     headers = {"Authorization": f"Bearer {token}"}
