@@ -1,20 +1,42 @@
 """The admin listener's application: health, readiness, metrics and the admin REST API.
 
-Imports: errors, auth, changefeed, metrics, pipeline (Settings), services, store, aiohttp.
+Imports: errors, auth, changefeed, metrics, pipeline (Settings), services, store, headers,
+admin_api (the /v1 handlers), openapi, aiohttp, aiohttp-cors.
+
+One middleware owns the outside of the listener: every /v1 request needs an admin
+identity's bearer token (401 realm "gateway-admin", 403 for a service user's token), and
+every error, unknown path (404) and wrong method (405) included, is CONTRACT.md's JSON
+`{"error", "detail"}` with an `X-Request-Id` header. /healthz, /readyz, /metrics and
+/openapi.json need no token.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
-from aiohttp import web
+import aiohttp_cors
+from aiohttp import hdrs, web
 
+from gateway.admin_api import MAX_BODY_BYTES, PRINCIPAL, AdminApi, Handler
 from gateway.auth import Authenticator, TokenCache
 from gateway.changefeed import ChangeFeed
-from gateway.errors import StoreUnavailable
+from gateway.errors import (
+    AdminUnauthorized,
+    Forbidden,
+    GatewayError,
+    PayloadTooLarge,
+    Refusal,
+    StoreUnavailable,
+    Unauthenticated,
+)
+from gateway.headers import request_id_from
 from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.pipeline import Settings
+from gateway.openapi import openapi_document
+from gateway.pipeline import Settings, refusal
 from gateway.services import Directory
 from gateway.store import Store
 
@@ -34,6 +56,81 @@ class AdminContext:
 
 
 CONTEXT = web.AppKey("context", AdminContext)
+CORS_ENABLED = web.AppKey("cors_enabled", bool)
+
+log = logging.getLogger("gateway.admin")
+
+_HTTP_CODES: Final = {
+    400: Refusal.BAD_REQUEST.value,
+    403: Refusal.FORBIDDEN.value,
+    404: Refusal.NOT_FOUND.value,
+    405: "method_not_allowed",
+    413: Refusal.BODY_TOO_LARGE.value,
+}
+_HTTP_DETAILS: Final = {
+    404: "no such admin endpoint (see /openapi.json)",
+    405: "method not allowed on this endpoint (see /openapi.json)",
+    413: f"the body is larger than {MAX_BODY_BYTES} bytes",
+}
+
+
+def _needs_admin(request: web.Request) -> bool:
+    if request.path != "/v1" and not request.path.startswith("/v1/"):
+        return False
+    # A CORS preflight carries no credentials by design (browsers never send them).
+    preflight = request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+    return not (preflight and request.app[CORS_ENABLED])
+
+
+async def _admin_principal(request: web.Request) -> None:
+    context = request.app[CONTEXT]
+    try:
+        principal = await context.authenticator.authenticate(request.headers.getall(hdrs.AUTHORIZATION, []))
+    except AdminUnauthorized:
+        raise
+    except Unauthenticated as error:
+        raise AdminUnauthorized(error.refusal, error.message) from None
+    if principal.kind != "admin":
+        raise Forbidden("only admin identities may call the admin API")
+    request[PRINCIPAL] = principal
+
+
+def _http_error(request: web.Request, exc: web.HTTPException, request_id: str) -> web.Response:
+    """aiohttp's own HTTP errors (routing, body size, CORS preflight) as CONTRACT.md JSON."""
+    status = exc.status if exc.status >= 400 else 500
+    code = _HTTP_CODES.get(status, "bad_request" if status < 500 else Refusal.INTERNAL_ERROR.value)
+    if status == 403 and request.method == hdrs.METH_OPTIONS:
+        code = Refusal.ORIGIN_NOT_ALLOWED.value  # aiohttp-cors refused a preflight
+    detail = _HTTP_DETAILS.get(status) or exc.text or exc.reason
+    headers = {"X-Request-Id": request_id}
+    if status == 405 and hdrs.ALLOW in exc.headers:
+        headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Admin authentication for /v1 and JSON errors with X-Request-Id for everything."""
+    request_id = request_id_from(request.headers)
+    try:
+        if _needs_admin(request):
+            await _admin_principal(request)
+        response = await handler(request)
+    except GatewayError as error:
+        response = refusal(error, request_id)
+    except web.HTTPRequestEntityTooLarge:
+        response = refusal(PayloadTooLarge(_HTTP_DETAILS[413]), request_id)
+    except web.HTTPException as exc:
+        response = _http_error(request, exc, request_id)
+    except Exception:
+        # Never a bare 500 page: the client gets the JSON shape and the id to find the log line.
+        log.exception("admin request failed", extra={"request_id": request_id, "path": request.path})
+        response = refusal(GatewayError(f"internal error (request id {request_id})"), request_id)
+    if not response.prepared:
+        response.headers.setdefault("X-Request-Id", request_id)
+        if request.app[CORS_ENABLED] and hdrs.ORIGIN in request.headers:
+            response.headers.add(hdrs.VARY, hdrs.ORIGIN)
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -63,10 +160,35 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_admin_app(context: AdminContext) -> web.Application:
-    """The admin listener's app (separate port, loopback by default)."""
-    app = web.Application()
+    """The admin listener's app (separate port, loopback by default).
+
+    CORS (aiohttp-cors) is on when gateway.yaml lists `admin_cors_origins`; the origins are
+    read here, at build time, so changing them needs a restart.
+    """
+    app = web.Application(middlewares=[admin_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = context
+    document = json.dumps(openapi_document()).encode()
+
+    async def openapi(request: web.Request) -> web.Response:
+        """The OpenAPI 3.1 description of this listener."""
+        return web.Response(body=document, content_type="application/json")
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    api_routes = [
+        app.router.add_route(method, path, handler) for method, path, handler in AdminApi(context).routes()
+    ]
+    origins = context.settings().config.admin_cors_origins
+    app[CORS_ENABLED] = bool(origins)
+    if origins:
+        options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+            allow_headers=("Authorization", "Content-Type"),
+            expose_headers=("X-Request-Id",),
+            max_age=600,
+        )
+        cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+        for route in api_routes:
+            cors.add(route)
     return app

@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.config import CorsConfig, RouteConfig, normalize_origin
 from gateway.errors import BadRequest, Invalid, NotFound
 from gateway.policy import Role
-from gateway.services import NAME_PATTERN, UNSET, TokenView, Unset, validate_name
+from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN, UNSET, TokenView, Unset, validate_name
 from gateway.store import Principal
 from gateway.timeparse import parse_time
 
@@ -56,10 +56,11 @@ def _clean(value: str, field: str) -> str:
 
 
 def _name(value: str, field: str = "name") -> str:
-    """A user or token name, matched on the whole string (a trailing newline is not allowed)."""
-    if NAME_PATTERN.fullmatch(value) is None:
-        validate_name("\x00", field)  # raises Invalid(field) with the service layer's message
-    return validate_name(value, field)
+    """A user or token name (the service layer's grammar, matched on the whole string)."""
+    validate_name(value, field)
+    if NAME_PATTERN.fullmatch(value) is None:  # "$" also matches before a final line break
+        raise Invalid(field, f"invalid name {value!r}: a name cannot end with a line break")
+    return value
 
 
 def _reject_constant(constant: str) -> object:
@@ -109,7 +110,7 @@ class Body:
     def __contains__(self, field: str) -> bool:
         return field in self._body
 
-    def text(self, field: str, *, nullable: bool = True) -> str | None:
+    def text(self, field: str, *, nullable: bool = True, max_length: int = MAX_DESCRIPTION) -> str | None:
         """A string (None when absent or null and `nullable`)."""
         value = self._body.get(field)
         if value is None:
@@ -118,8 +119,8 @@ class Body:
             return None
         if not isinstance(value, str):
             raise Invalid(field, f"{field} must be a string" + (" or null" if nullable else ""))
-        if field == "description" and len(value) > MAX_DESCRIPTION:
-            raise Invalid(field, f"{field} must be at most {MAX_DESCRIPTION} characters")
+        if len(value) > max_length:
+            raise Invalid(field, f"{field} must be at most {max_length} characters")
         return _clean(value, field)
 
     def strings(self, field: str, *, nullable: bool) -> list[str] | None:
@@ -184,7 +185,7 @@ def query(request: web.Request, field: str) -> str | None:
     return _clean(values[0], field)
 
 
-def path_name(request: web.Request, key: str, what: str, owner: str = "") -> str:
+def path_name(request: web.Request, key: str, what: str) -> str:
     """A user or token name from the path; a name that cannot exist is simply not found."""
     value = request.match_info[key]
     if NAME_PATTERN.fullmatch(value) is None:
@@ -379,7 +380,7 @@ class AdminApi:
             raise Invalid("limit", "limit may be given only once")
         if limit_values:
             if _LIMIT_RE.fullmatch(limit_values[0]) is None:
-                raise Invalid("limit", "limit must be an integer between 1 and 1000")
+                raise Invalid("limit", f"limit must be an integer between 1 and {MAX_AUDIT_LIMIT}")
             limit = int(limit_values[0])
         events = await self._directory.list_audit(actor=actor, since=since, limit=limit)
         return items([event.to_json() for event in events])

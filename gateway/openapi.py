@@ -1,0 +1,384 @@
+"""The OpenAPI 3.1 description of the admin listener, as a plain dict (served at /openapi.json).
+
+Imports: admin_api (limits), services (the name grammar). Pure data: one function builds it.
+
+The schemas are exact (every key required, no extra keys, absent values `null`), so a
+contract test can check every answer against them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from gateway.admin_api import MAX_BODY_BYTES, MAX_DESCRIPTION, MAX_LIST, MAX_ORIGIN
+from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN
+
+JSONObject = dict[str, object]
+
+REF: Final = "#/components/schemas/"
+ERROR_CODES: Final = [
+    "bad_request",
+    "body_too_large",
+    "missing_token",
+    "invalid_token",
+    "token_expired",
+    "user_disabled",
+    "forbidden",
+    "origin_not_allowed",
+    "not_found",
+    "conflict",
+    "invalid",
+    "store_unavailable",
+    "method_not_allowed",
+    "internal_error",
+]
+ACTIONS: Final = [
+    "user.created",
+    "user.updated",
+    "user.deleted",
+    "token.created",
+    "token.reset",
+    "token.expired",
+    "token.deleted",
+]
+
+
+def _ref(name: str) -> JSONObject:
+    return {"$ref": REF + name}
+
+
+def _nullable(schema: JSONObject) -> JSONObject:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _object(properties: dict[str, JSONObject], required: list[str] | None = None) -> JSONObject:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+    }
+
+
+def _strings(**extra: object) -> JSONObject:
+    return {"type": "array", "items": {"type": "string", **extra}}
+
+
+_NAME: Final[JSONObject] = {"type": "string", "pattern": NAME_PATTERN.pattern}
+_TIME: Final[JSONObject] = {"type": "string", "format": "date-time", "pattern": "Z$"}
+_TEXT: Final[JSONObject] = {"type": "string", "maxLength": MAX_DESCRIPTION}
+
+_TOKEN_FIELDS: Final[dict[str, JSONObject]] = {
+    "id": {"type": "string"},
+    "name": _NAME,
+    "user": _NAME,
+    "description": _nullable({"type": "string"}),
+    "roles": _nullable(_strings()),
+    "expires_at": _nullable(_TIME),
+    "expired": {"type": "boolean"},
+    "created_at": _TIME,
+    "created_by": {"type": "string"},
+    "last_used_at": _nullable(_TIME),
+}
+
+SCHEMAS: Final[dict[str, JSONObject]] = {
+    "Error": {
+        **_object(
+            {
+                "error": {"type": "string", "enum": ERROR_CODES},
+                "detail": {"type": "string"},
+                "field": {"type": "string", "description": "the field that is wrong (422 only)"},
+            },
+            required=["error", "detail"],
+        ),
+        "if": {"properties": {"error": {"const": "invalid"}}},
+        "then": {"required": ["field"]},
+    },
+    "AssignedRole": _object(
+        {"name": {"type": "string"}, "assigned_by": {"type": "string"}, "assigned_at": _TIME}
+    ),
+    "User": _object(
+        {
+            "name": _NAME,
+            "kind": {"type": "string", "enum": ["service", "admin"]},
+            "href": {"type": "string"},
+            "description": _nullable({"type": "string"}),
+            "roles": {"type": "array", "items": _ref("AssignedRole")},
+            "allowed_origins": _strings(),
+            "disabled": {"type": "boolean"},
+            "created_at": _TIME,
+            "created_by": {"type": "string"},
+        }
+    ),
+    "Token": _object(_TOKEN_FIELDS),
+    "IssuedToken": _object(
+        {**_TOKEN_FIELDS, "token": {"type": "string", "pattern": "^gw_", "description": "shown this once"}}
+    ),
+    "AuditEvent": _object(
+        {
+            "id": {"type": "integer"},
+            "at": _TIME,
+            "actor": {"type": "string"},
+            "action": {"type": "string", "enum": ACTIONS},
+            "target": {"type": "string"},
+            "detail": {"type": "object"},
+        }
+    ),
+    "Role": _object(
+        {
+            "name": {"type": "string"},
+            "description": _nullable({"type": "string"}),
+            "permissions": _strings(),
+            "includes": _strings(),
+        }
+    ),
+    "RouteCors": _object(
+        {
+            "origins": _object({"store": {"type": "boolean"}, "extra": _strings()}),
+            "allow_headers": _strings(),
+            "expose_headers": _strings(),
+            "max_age": {"type": "integer"},
+        }
+    ),
+    "Route": _object(
+        {
+            "name": {"type": "string"},
+            "prefix": {"type": "string"},
+            "upstream": {"type": "string"},
+            "timeout": {"type": "number"},
+            "strip_prefix": {"type": "boolean"},
+            "preserve_host": {"type": "boolean"},
+            "cors": _nullable(_ref("RouteCors")),
+        }
+    ),
+    "NewUser": _object(
+        {
+            "name": _NAME,
+            "description": _nullable(_TEXT),
+            "roles": _nullable({**_strings(), "maxItems": MAX_LIST}),
+            "allowed_origins": _nullable({**_strings(maxLength=MAX_ORIGIN), "maxItems": MAX_LIST}),
+        },
+        required=["name"],
+    ),
+    "UserChange": _object(
+        {
+            "description": _nullable(_TEXT),
+            "roles": {**_strings(), "maxItems": MAX_LIST, "description": "replaces the whole set"},
+            "allowed_origins": {**_strings(maxLength=MAX_ORIGIN), "maxItems": MAX_LIST},
+            "disabled": {"type": "boolean"},
+        },
+        required=[],
+    ),
+    "NewToken": _object(
+        {
+            "name": _NAME,
+            "description": _nullable(_TEXT),
+            "expires_at": _nullable({"type": "string", "description": "ISO 8601 date or date-time"}),
+            "roles": _nullable({**_strings(), "maxItems": MAX_LIST, "description": "a subset of the user's"}),
+        },
+        required=["name"],
+    ),
+}
+for _list, _item in (
+    ("UserList", "User"),
+    ("TokenList", "Token"),
+    ("AuditList", "AuditEvent"),
+    ("RoleList", "Role"),
+    ("RouteList", "Route"),
+):
+    SCHEMAS[_list] = _object({"items": {"type": "array", "items": _ref(_item)}})
+
+_REQUEST_ID: Final[JSONObject] = {"X-Request-Id": {"schema": {"type": "string"}}}
+
+
+def _json(schema: JSONObject, description: str) -> JSONObject:
+    return {
+        "description": description,
+        "headers": _REQUEST_ID,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def _error(description: str, *, authenticate: bool = False) -> JSONObject:
+    answer = _json(_ref("Error"), description)
+    if authenticate:
+        answer["headers"] = {**_REQUEST_ID, "WWW-Authenticate": {"schema": {"type": "string"}}}
+    return answer
+
+
+_ERRORS: Final[dict[str, JSONObject]] = {
+    "400": _error("bad_request: malformed JSON, wrong content type, two Authorization headers"),
+    "401": _error("missing_token, invalid_token, token_expired or user_disabled", authenticate=True),
+    "403": _error("forbidden: the token is not an admin identity's"),
+    "404": _error("not_found: no such user or token"),
+    "409": _error("conflict: the name is taken"),
+    "413": _error(f"body_too_large: more than {MAX_BODY_BYTES} bytes"),
+    "422": _error("invalid: `field` names the field that is wrong"),
+    "503": _error("store_unavailable: the store cannot be reached"),
+}
+
+
+def _operation(
+    summary: str,
+    ok: tuple[str, JSONObject],
+    errors: str,
+    *,
+    parameters: list[JSONObject] | None = None,
+    body: str | None = None,
+) -> JSONObject:
+    responses: dict[str, JSONObject] = {ok[0]: ok[1]}
+    for status in ["400", "401", "403", *errors.split(), "503"]:
+        responses[status] = _ERRORS[status]
+    if body is not None:
+        for status in ("413", "422"):
+            responses[status] = _ERRORS[status]
+    operation: JSONObject = {"summary": summary, "responses": dict(sorted(responses.items()))}
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return operation
+
+
+def _parameter(name: str, where: str, schema: JSONObject, description: str = "") -> JSONObject:
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "schema": schema,
+        "description": description,
+    }
+
+
+_USER: Final = _parameter("name", "path", _NAME, "the service user's name")
+_TOKEN: Final = _parameter("token", "path", _NAME, "the token's name")
+_NO_CONTENT: Final[JSONObject] = {"description": "done", "headers": _REQUEST_ID}
+
+
+def _token_action(summary: str, ok_schema: str) -> JSONObject:
+    return _operation(
+        summary, ("200", _json(_ref(ok_schema), "the token")), "404", parameters=[_USER, _TOKEN]
+    )
+
+
+def _paths() -> dict[str, JSONObject]:
+    user, token = "/v1/service-users/{name}", "/v1/service-users/{name}/tokens/{token}"
+    text: JSONObject = {"type": "string"}
+    return {
+        "/v1/service-users": {
+            "get": _operation(
+                "List service users (sorted by name)",
+                ("200", _json(_ref("UserList"), "the users")),
+                "422",
+                parameters=[
+                    _parameter("prefix", "query", text, "only names starting with this"),
+                    _parameter("role", "query", text, "only users holding this role"),
+                ],
+            ),
+            "post": _operation(
+                "Create a service user (default role service-user-project-admin)",
+                ("201", _json(_ref("User"), "the new user")),
+                "409",
+                body="NewUser",
+            ),
+        },
+        user: {
+            "get": _operation(
+                "Get a service user", ("200", _json(_ref("User"), "the user")), "404", parameters=[_USER]
+            ),
+            "patch": _operation(
+                "Change a service user; roles and allowed_origins replace the whole set",
+                ("200", _json(_ref("User"), "the user as changed")),
+                "404",
+                parameters=[_USER],
+                body="UserChange",
+            ),
+            "delete": _operation(
+                "Delete a user and its tokens", ("204", _NO_CONTENT), "404", parameters=[_USER]
+            ),
+        },
+        user + "/tokens": {
+            "get": _operation(
+                "List a user's tokens (sorted by name; never a secret)",
+                ("200", _json(_ref("TokenList"), "the tokens")),
+                "404",
+                parameters=[_USER],
+            ),
+            "post": _operation(
+                "Issue a token; the answer holds its secret, shown this once",
+                ("201", _json(_ref("IssuedToken"), "the token and its secret")),
+                "404 409",
+                parameters=[_USER],
+                body="NewToken",
+            ),
+        },
+        token + "/reset": {"post": _token_action("New secret for the same token id", "IssuedToken")},
+        token + "/expire": {"post": _token_action("Expire the token now (it stays listed)", "Token")},
+        token: {
+            "delete": _operation("Delete a token", ("204", _NO_CONTENT), "404", parameters=[_USER, _TOKEN]),
+        },
+        "/v1/roles": {
+            "get": _operation(
+                "Roles defined in policies/", ("200", _json(_ref("RoleList"), "the roles")), ""
+            ),
+        },
+        "/v1/routes": {
+            "get": _operation(
+                "Routes of the live configuration", ("200", _json(_ref("RouteList"), "routes")), ""
+            ),
+        },
+        "/v1/audit-events": {
+            "get": _operation(
+                "Audit events, newest first",
+                ("200", _json(_ref("AuditList"), "the events")),
+                "422",
+                parameters=[
+                    _parameter("actor", "query", text, "only changes by this actor"),
+                    _parameter("since", "query", text, "ISO 8601 date or date-time; events at or after it"),
+                    _parameter(
+                        "limit",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_LIMIT, "default": 100},
+                    ),
+                ],
+            ),
+        },
+        "/healthz": {"get": _open("Liveness", _json(_object({"status": {"type": "string"}}), "alive"))},
+        "/readyz": {
+            "get": _open(
+                "Readiness: the store answers",
+                _json(_object({"status": {"type": "string"}}), "ready"),
+                {"503": _json(_object({"status": text, "detail": text}), "the store cannot be reached")},
+            )
+        },
+        "/metrics": {
+            "get": _open(
+                "Prometheus metrics",
+                {"description": "text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            )
+        },
+        "/openapi.json": {"get": _open("This document", _json({"type": "object"}, "OpenAPI 3.1"))},
+    }
+
+
+def _open(summary: str, ok: JSONObject, more: dict[str, JSONObject] | None = None) -> JSONObject:
+    return {"summary": summary, "security": [], "responses": {"200": ok, **(more or {})}}
+
+
+def openapi_document() -> JSONObject:
+    """The OpenAPI 3.1 document of the admin listener."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "service-user gateway admin API",
+            "version": "1",
+            "description": "Service users, tokens, roles, routes and the audit trail. "
+            "Every /v1 call needs `Authorization: Bearer <admin token>`.",
+        },
+        "security": [{"bearerAuth": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }
