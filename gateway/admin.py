@@ -28,6 +28,7 @@ from gateway.errors import (
     AdminUnauthorized,
     Forbidden,
     GatewayError,
+    Invalid,
     PayloadTooLarge,
     Refusal,
     StoreUnavailable,
@@ -36,7 +37,7 @@ from gateway.errors import (
 from gateway.headers import request_id_from
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.openapi import openapi_document
-from gateway.pipeline import Settings, refusal
+from gateway.pipeline import Settings
 from gateway.services import Directory
 from gateway.store import Store
 
@@ -93,6 +94,16 @@ async def _admin_principal(request: web.Request) -> None:
     if principal.kind != "admin":
         raise Forbidden("only admin identities may call the admin API")
     request[PRINCIPAL] = principal
+
+
+def refusal(error: GatewayError, request_id: str) -> web.Response:
+    """CONTRACT.md's JSON error for `error` (with `field` for 422), with X-Request-Id."""
+    body = {"error": error.refusal.value, "detail": error.message}
+    if isinstance(error, Invalid):
+        body["field"] = error.field
+    headers = error.headers()
+    headers["X-Request-Id"] = request_id
+    return web.json_response(body, status=error.status, headers=headers)
 
 
 def _http_error(request: web.Request, exc: web.HTTPException, request_id: str) -> web.Response:

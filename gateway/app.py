@@ -9,21 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from sqlalchemy.engine import make_url
 
-from gateway.admin import AdminContext, build_admin_app
+from gateway.admin import AdminContext
 from gateway.auth import Authenticator, LastUsed, TokenCache
 from gateway.changefeed import ChangeFeed
 from gateway.config import Config, load_config
 from gateway.cors import OriginIndex, RouteCors
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.headers import HeaderPolicy
-from gateway.logs import configure as configure_logging
 from gateway.logs import install_redaction
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, Settings
@@ -187,61 +183,6 @@ def build_proxy_app(gateway: Gateway) -> web.Application:
     app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
     app.router.add_route("*", "/{tail:.*}", gateway.pipeline.handle, expect_handler=_no_automatic_continue)
     return app
-
-
-async def run(config: Config) -> None:
-    """Serve the proxy and admin listeners until SIGINT/SIGTERM; SIGHUP reloads."""
-    gateway = await Gateway.open(config)
-    runners: list[web.AppRunner] = []
-    try:
-        for app, (host, port) in (
-            (build_proxy_app(gateway), config.proxy_listen),
-            (build_admin_app(gateway.admin_context()), config.admin_listen),
-        ):
-            runner = web.AppRunner(
-                app, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=10
-            )
-            await runner.setup()
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
-            runners.append(runner)
-        log.info(
-            "gateway serving",
-            extra={
-                "proxy": f"{config.proxy_listen[0]}:{config.proxy_listen[1]}",
-                "admin": f"{config.admin_listen[0]}:{config.admin_listen[1]}",
-                "store": gateway.store.url,
-                "routes": len(config.routes),
-            },
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, gateway.reload)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down")
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
-        await gateway.close()
-
-
-def serve(config: Config, workers: int = 1) -> None:
-    """Run the gateway in the foreground (blocking); the entry point of `gateway serve`."""
-    configure_logging(config.log_level)
-    if workers != 1:
-        raise ConfigError(["--workers: only 1 worker is supported in this release"])
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    started = time.monotonic()
-    try:
-        asyncio.run(run(config))
-    except StoreUnavailable as error:
-        shown = make_url(config.store_url).render_as_string(hide_password=True)
-        raise ConfigError([f"store: {error.message} ({shown})"]) from error
-    log.info("stopped", extra={"uptime_s": round(time.monotonic() - started, 1)})
 
 
 @contextlib.asynccontextmanager

@@ -11,36 +11,16 @@ from __future__ import annotations
 from typing import Final
 
 from gateway.admin_api import MAX_BODY_BYTES, MAX_DESCRIPTION, MAX_LIST, MAX_ORIGIN
+from gateway.errors import Refusal
 from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN
 
 JSONObject = dict[str, object]
 
 REF: Final = "#/components/schemas/"
-ERROR_CODES: Final = [
-    "bad_request",
-    "body_too_large",
-    "missing_token",
-    "invalid_token",
-    "token_expired",
-    "user_disabled",
-    "forbidden",
-    "origin_not_allowed",
-    "not_found",
-    "conflict",
-    "invalid",
-    "store_unavailable",
-    "method_not_allowed",
-    "internal_error",
-]
-ACTIONS: Final = [
-    "user.created",
-    "user.updated",
-    "user.deleted",
-    "token.created",
-    "token.reset",
-    "token.expired",
-    "token.deleted",
-]
+# Refusal's codes (the proxy's ones never occur here but keep one closed list) and aiohttp's 405.
+ERROR_CODES: Final = [code.value for code in Refusal] + ["method_not_allowed"]
+_KINDS: Final = ("user.created", "user.updated", "user.deleted")
+ACTIONS: Final = [*_KINDS, "token.created", "token.reset", "token.expired", "token.deleted"]
 
 
 def _ref(name: str) -> JSONObject:
@@ -219,6 +199,7 @@ _ERRORS: Final[dict[str, JSONObject]] = {
 
 
 def _operation(
+    operation_id: str,
     summary: str,
     ok: tuple[str, JSONObject],
     errors: str,
@@ -232,7 +213,11 @@ def _operation(
     if body is not None:
         for status in ("413", "422"):
             responses[status] = _ERRORS[status]
-    operation: JSONObject = {"summary": summary, "responses": dict(sorted(responses.items()))}
+    operation: JSONObject = {
+        "operationId": operation_id,
+        "summary": summary,
+        "responses": dict(sorted(responses.items())),
+    }
     if parameters:
         operation["parameters"] = parameters
     if body is not None:
@@ -240,7 +225,7 @@ def _operation(
     return operation
 
 
-def _parameter(name: str, where: str, schema: JSONObject, description: str = "") -> JSONObject:
+def _parameter(name: str, where: str, schema: JSONObject, description: str) -> JSONObject:
     return {
         "name": name,
         "in": where,
@@ -250,43 +235,56 @@ def _parameter(name: str, where: str, schema: JSONObject, description: str = "")
     }
 
 
+def _links(parameters: dict[str, str], *operation_ids: str) -> dict[str, JSONObject]:
+    """OpenAPI links: where the fields of an answer can be used next (for clients and test tools)."""
+    return {
+        operation_id[0].upper() + operation_id[1:]: {"operationId": operation_id, "parameters": parameters}
+        for operation_id in operation_ids
+    }
+
+
 _USER: Final = _parameter("name", "path", _NAME, "the service user's name")
 _TOKEN: Final = _parameter("token", "path", _NAME, "the token's name")
 _NO_CONTENT: Final[JSONObject] = {"description": "done", "headers": _REQUEST_ID}
+_TEXT_QUERY: Final[JSONObject] = {"type": "string"}
 
 
-def _token_action(summary: str, ok_schema: str) -> JSONObject:
-    return _operation(
-        summary, ("200", _json(_ref(ok_schema), "the token")), "404", parameters=[_USER, _TOKEN]
+def _user_paths() -> dict[str, JSONObject]:
+    user = "/v1/service-users/{name}"
+    created = _json(_ref("User"), "the new user")
+    created["links"] = _links(
+        {"name": "$response.body#/name"}, "getUser", "updateUser", "listTokens", "createToken", "deleteUser"
     )
-
-
-def _paths() -> dict[str, JSONObject]:
-    user, token = "/v1/service-users/{name}", "/v1/service-users/{name}/tokens/{token}"
-    text: JSONObject = {"type": "string"}
     return {
         "/v1/service-users": {
             "get": _operation(
+                "listUsers",
                 "List service users (sorted by name)",
                 ("200", _json(_ref("UserList"), "the users")),
                 "422",
                 parameters=[
-                    _parameter("prefix", "query", text, "only names starting with this"),
-                    _parameter("role", "query", text, "only users holding this role"),
+                    _parameter("prefix", "query", _TEXT_QUERY, "only names starting with this"),
+                    _parameter("role", "query", _TEXT_QUERY, "only users holding this role"),
                 ],
             ),
             "post": _operation(
+                "createUser",
                 "Create a service user (default role service-user-project-admin)",
-                ("201", _json(_ref("User"), "the new user")),
+                ("201", created),
                 "409",
                 body="NewUser",
             ),
         },
         user: {
             "get": _operation(
-                "Get a service user", ("200", _json(_ref("User"), "the user")), "404", parameters=[_USER]
+                "getUser",
+                "Get a service user",
+                ("200", _json(_ref("User"), "the user")),
+                "404",
+                parameters=[_USER],
             ),
             "patch": _operation(
+                "updateUser",
                 "Change a service user; roles and allowed_origins replace the whole set",
                 ("200", _json(_ref("User"), "the user as changed")),
                 "404",
@@ -294,67 +292,108 @@ def _paths() -> dict[str, JSONObject]:
                 body="UserChange",
             ),
             "delete": _operation(
-                "Delete a user and its tokens", ("204", _NO_CONTENT), "404", parameters=[_USER]
+                "deleteUser", "Delete a user and its tokens", ("204", _NO_CONTENT), "404", parameters=[_USER]
             ),
         },
-        user + "/tokens": {
+    }
+
+
+def _token_paths() -> dict[str, JSONObject]:
+    tokens, token = "/v1/service-users/{name}/tokens", "/v1/service-users/{name}/tokens/{token}"
+    issued = _json(_ref("IssuedToken"), "the token and its secret (shown this once)")
+    issued["links"] = _links(
+        {"name": "$response.body#/user", "token": "$response.body#/name"},
+        "resetToken",
+        "expireToken",
+        "deleteToken",
+    )
+    both = [_USER, _TOKEN]
+    return {
+        tokens: {
             "get": _operation(
+                "listTokens",
                 "List a user's tokens (sorted by name; never a secret)",
                 ("200", _json(_ref("TokenList"), "the tokens")),
                 "404",
                 parameters=[_USER],
             ),
             "post": _operation(
+                "createToken",
                 "Issue a token; the answer holds its secret, shown this once",
-                ("201", _json(_ref("IssuedToken"), "the token and its secret")),
+                ("201", issued),
                 "404 409",
                 parameters=[_USER],
                 body="NewToken",
             ),
         },
-        token + "/reset": {"post": _token_action("New secret for the same token id", "IssuedToken")},
-        token + "/expire": {"post": _token_action("Expire the token now (it stays listed)", "Token")},
-        token: {
-            "delete": _operation("Delete a token", ("204", _NO_CONTENT), "404", parameters=[_USER, _TOKEN]),
+        token + "/reset": {
+            "post": _operation(
+                "resetToken",
+                "New secret for the same token id (the old one stops working at once)",
+                ("200", _json(_ref("IssuedToken"), "the token and its new secret (shown this once)")),
+                "404",
+                parameters=both,
+            )
         },
+        token + "/expire": {
+            "post": _operation(
+                "expireToken",
+                "Expire the token now (it stays listed, as expired)",
+                ("200", _json(_ref("Token"), "the token")),
+                "404",
+                parameters=both,
+            )
+        },
+        token: {
+            "delete": _operation(
+                "deleteToken", "Delete a token", ("204", _NO_CONTENT), "404", parameters=both
+            ),
+        },
+    }
+
+
+def _other_paths() -> dict[str, JSONObject]:
+    text = _TEXT_QUERY
+    limit: JSONObject = {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_LIMIT, "default": 100}
+    return {
         "/v1/roles": {
             "get": _operation(
-                "Roles defined in policies/", ("200", _json(_ref("RoleList"), "the roles")), ""
+                "listRoles", "Roles defined in policies/", ("200", _json(_ref("RoleList"), "the roles")), ""
             ),
         },
         "/v1/routes": {
             "get": _operation(
-                "Routes of the live configuration", ("200", _json(_ref("RouteList"), "routes")), ""
+                "listRoutes",
+                "Routes of the live configuration",
+                ("200", _json(_ref("RouteList"), "routes")),
+                "",
             ),
         },
         "/v1/audit-events": {
             "get": _operation(
+                "listAuditEvents",
                 "Audit events, newest first",
                 ("200", _json(_ref("AuditList"), "the events")),
                 "422",
                 parameters=[
                     _parameter("actor", "query", text, "only changes by this actor"),
                     _parameter("since", "query", text, "ISO 8601 date or date-time; events at or after it"),
-                    _parameter(
-                        "limit",
-                        "query",
-                        {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_LIMIT, "default": 100},
-                    ),
+                    _parameter("limit", "query", limit, "at most this many events"),
                 ],
             ),
         },
-        "/healthz": {"get": _open("Liveness", _json(_object({"status": {"type": "string"}}), "alive"))},
+        "/healthz": {"get": _open("Liveness", _json(_object({"status": text}), "alive"))},
         "/readyz": {
             "get": _open(
                 "Readiness: the store answers",
-                _json(_object({"status": {"type": "string"}}), "ready"),
+                _json(_object({"status": text}), "ready"),
                 {"503": _json(_object({"status": text, "detail": text}), "the store cannot be reached")},
             )
         },
         "/metrics": {
             "get": _open(
                 "Prometheus metrics",
-                {"description": "text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                {"description": "text exposition", "content": {"text/plain": {"schema": text}}},
             )
         },
         "/openapi.json": {"get": _open("This document", _json({"type": "object"}, "OpenAPI 3.1"))},
@@ -376,7 +415,7 @@ def openapi_document() -> JSONObject:
             "Every /v1 call needs `Authorization: Bearer <admin token>`.",
         },
         "security": [{"bearerAuth": []}],
-        "paths": _paths(),
+        "paths": {**_user_paths(), **_token_paths(), **_other_paths()},
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},

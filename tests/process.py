@@ -25,7 +25,7 @@ def free_port() -> int:
 class GatewayProcess:
     """A `gateway serve` child process with its own ports; stop() ends it."""
 
-    def __init__(self, config: Path, *, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, *, extra_env: dict[str, str] | None = None, workers: int = 1) -> None:
         self.config = config
         self.proxy_port = free_port()
         self.admin_port = free_port()
@@ -40,7 +40,7 @@ class GatewayProcess:
         }
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(config), "serve"],
+            [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--workers", str(workers)],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

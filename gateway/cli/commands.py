@@ -61,7 +61,7 @@ def cli(ctx: click.Context, config: str | None) -> None:
 def serve(session: Session, workers: int) -> None:
     """Run the proxy and admin listeners (creates or migrates the store)."""
     config = session.config()
-    from gateway.app import serve as serve_app
+    from gateway.server import serve as serve_app
 
     try:
         serve_app(config, workers=workers)

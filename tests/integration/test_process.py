@@ -129,3 +129,56 @@ async def test_sighup_reloads_and_keeps_the_old_version_when_bad(
     refused = [line for line in log_lines(process) if "reload refused" in str(line.get("message"))]
     assert refused and "policy.yaml" in json.dumps(refused[0])
     assert process.process.poll() is None
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_workers_share_the_listener_and_all_see_revocation_and_reload(
+    tmp_path: Path, upstream: TestServer
+) -> None:
+    config = write_config(
+        tmp_path,
+        store_url="sqlite+aiosqlite:///gateway.db",
+        upstream_url=str(upstream.make_url("")).rstrip("/"),
+    )
+    assert cli(config, "user", "create", "multi", "--roles", "writer").returncode == 0
+    token = secret_from(cli(config, "token", "set", "w", "--user", "multi").stdout)
+    process = GatewayProcess(config, workers=2)
+    try:
+        await process.wait_ready()
+        await asyncio.sleep(0.5)
+        assert len(children_of(process.process.pid)) == 2
+        headers = {"Authorization": f"Bearer {token}"}
+
+        async def statuses(count: int) -> list[int]:
+            found = []
+            for _ in range(count):
+                # A fresh connection each time, so both workers get some of them.
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"{process.proxy}/echo/a", headers=headers) as response:
+                        found.append(response.status)
+            return found
+
+        assert set(await statuses(12)) == {200}
+        policy = config.parent / "policies" / "policy.yaml"
+        policy.write_text(DEFAULT_POLICIES.replace("methods: [GET, HEAD]", "methods: [HEAD]"))
+        process.signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        assert set(await statuses(12)) == {403}
+        assert cli(config, "user", "update", "multi", "--disable").returncode == 0
+        await asyncio.sleep(1.0)
+        assert set(await statuses(12)) == {401}
+    finally:
+        process.stop()
+    assert process.process.returncode == 0

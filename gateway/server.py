@@ -1,0 +1,205 @@
+"""Running the gateway as processes: one, or a parent supervising N pre-forked workers.
+
+Imports: app, admin, config, errors, logs.
+
+With `--workers N` the parent validates the configuration and migrates the store
+once, binds the listening sockets, then forks the workers, which share those sockets
+(the kernel hands each new connection to one of them). Each worker has its own
+identity cache and polls the change feed, so revocation behaves the same in all of
+them. The parent forwards SIGHUP only after it validated the new version itself (a
+bad version is refused once, and every worker keeps the old one), forwards SIGTERM and
+SIGINT, and restarts a worker that died. Only worker 0 serves the admin listener, so
+`/metrics` describes one process and admin changes apply there at once (within
+250 ms in the other workers, through the change feed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from types import FrameType
+
+from aiohttp import web
+from sqlalchemy.engine import make_url
+
+from gateway.admin import build_admin_app
+from gateway.app import Gateway, build_proxy_app, build_settings
+from gateway.config import Address, Config, load_config
+from gateway.errors import ConfigError, StoreUnavailable
+from gateway.logs import configure as configure_logging
+from gateway.store import open_store
+
+log = logging.getLogger("gateway.server")
+
+
+def bind(address: Address) -> socket.socket:
+    """A listening TCP socket on `address` (IPv4 or IPv6), ready to share with workers."""
+    host, port = address
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError([f"listeners: cannot listen on {host}:{port}: {exc.strerror}"]) from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def run_worker(
+    config: Config, proxy: socket.socket, admin: socket.socket | None, index: int = 0
+) -> None:
+    """Serve on the given sockets until SIGINT/SIGTERM; SIGHUP reloads routes and policies."""
+    gateway = await Gateway.open(config)
+    runners: list[web.AppRunner] = []
+    try:
+        sites = [(build_proxy_app(gateway), proxy)]
+        if admin is not None:
+            sites.append((build_admin_app(gateway.admin_context()), admin))
+        for app, sock in sites:
+            runner = web.AppRunner(
+                app, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=10
+            )
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            runners.append(runner)
+        log.info(
+            "gateway serving",
+            extra={
+                "worker": index,
+                "proxy": _address(proxy),
+                "admin": _address(admin) if admin is not None else None,
+                "store": gateway.store.url,
+                "routes": len(config.routes),
+            },
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down", extra={"worker": index})
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await gateway.close()
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(config: Config, workers: int = 1) -> None:
+    """Run the gateway in the foreground (blocking); the entry point of `gateway serve`."""
+    configure_logging(config.log_level)
+    if workers < 1:
+        raise ConfigError(["--workers must be at least 1"])
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    proxy = bind(config.proxy_listen)
+    admin = bind(config.admin_listen)
+    try:
+        if workers == 1:
+            asyncio.run(run_worker(config, proxy, admin))
+        else:
+            asyncio.run(_prepare_store(config))
+            Supervisor(config, workers, proxy, admin).run()
+    except StoreUnavailable as error:
+        shown = make_url(config.store_url).render_as_string(hide_password=True)
+        raise ConfigError([f"store: {error.message} ({shown})"]) from error
+    finally:
+        proxy.close()
+        admin.close()
+
+
+async def _prepare_store(config: Config) -> None:
+    # Migrate once in the parent, so N workers do not queue on the migration lock.
+    store = await open_store(config.store_url, migrate=True)
+    await store.close()
+
+
+class Supervisor:
+    """The parent of N workers: forks, forwards signals, restarts the dead."""
+
+    def __init__(self, config: Config, workers: int, proxy: socket.socket, admin: socket.socket) -> None:
+        self._config = config
+        self._count = workers
+        self._proxy = proxy
+        self._admin = admin
+        self._children: dict[int, int] = {}  # pid -> worker index
+        self._stopping = False
+
+    def run(self) -> None:
+        """Fork the workers and supervise them until SIGTERM/SIGINT."""
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
+        for index in range(self._count):
+            self._spawn(index)
+        log.info("supervising workers", extra={"workers": self._count, "pid": os.getpid()})
+        while self._children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            if pid not in self._children:
+                continue
+            index = self._children.pop(pid)
+            if self._stopping:
+                continue
+            log.error(
+                "worker died; restarting it",
+                extra={"worker": index, "pid": pid, "exit_status": os.waitstatus_to_exitcode(status)},
+            )
+            time.sleep(1.0)
+            if not self._stopping:
+                self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid:
+            self._children[pid] = index
+            return
+        code = 0
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            asyncio.run(run_worker(self._config, self._proxy, self._admin if index == 0 else None, index))
+        except BaseException:  # a worker must never return into the parent's loop
+            log.exception("worker failed", extra={"worker": index})
+            code = 1
+        finally:
+            os._exit(code)
+
+    def _signal_children(self, sig: signal.Signals) -> None:
+        for pid in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = True
+        self._signal_children(signal.SIGTERM)
+
+    def _reload(self, signum: int, frame: FrameType | None) -> None:
+        try:
+            build_settings(load_config(self._config.path))
+        except ConfigError as error:
+            log.error(
+                "reload refused; the previous configuration stays live", extra={"problems": error.problems}
+            )
+            return
+        self._signal_children(signal.SIGHUP)
