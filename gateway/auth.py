@@ -130,12 +130,13 @@ class Authenticator:
         if scheme.lower() != "bearer":
             raise Unauthenticated(Refusal.INVALID_TOKEN, "the Authorization scheme must be Bearer")
         token = token.strip()
-        if not tokens.is_well_formed(token):
+        digest = tokens.digest(token)
+        principal = self._cache.get(digest)
+        if principal is None and not tokens.is_well_formed(token):
+            # Checked only on a cache miss: a cached digest came from a well-formed token.
             raise Unauthenticated(
                 Refusal.INVALID_TOKEN, "the token is malformed (check that it was copied whole)"
             )
-        digest = tokens.digest(token)
-        principal = self._cache.get(digest)
         if principal is not None:
             self.cache_hits += 1
             if not self._store_trusted():

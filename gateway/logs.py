@@ -8,8 +8,10 @@ Logger names are `gateway.<module>`. The proxy's per-request line is written by
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Final
 
 from pythonjsonlogger.json import JsonFormatter
@@ -60,6 +62,25 @@ def _peer(record: logging.LogRecord) -> str:
     return "unknown"
 
 
+class AccessFormatter(logging.Formatter):
+    """Formats request records whose message is already a dict of fields: one json.dumps, no more.
+
+    The request line is written once per proxied request, so it skips the generic
+    formatter's per-record attribute scan.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = record.msg if isinstance(record.msg, dict) else {"message": record.getMessage()}
+        line = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": "request",
+            **fields,
+        }
+        return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+
+
 def configure(level: str = "info", stream: object = None) -> None:
     """Send every log record to stderr (or `stream`) as one JSON object per line."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)  # type: ignore[arg-type]
@@ -77,6 +98,13 @@ def configure(level: str = "info", stream: object = None) -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     install_redaction()
+    access = logging.getLogger(ACCESS_LOGGER)
+    for old in list(access.handlers):
+        access.removeHandler(old)
+    access_handler = logging.StreamHandler(stream if stream is not None else sys.stderr)  # type: ignore[arg-type]
+    access_handler.setFormatter(AccessFormatter())
+    access.addHandler(access_handler)
+    access.propagate = False
     # aiohttp's access log quotes the request line with its query string; ours replaces it.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

@@ -191,10 +191,10 @@ class Pipeline:
         level = logging.ERROR if status >= 500 or outcome.error else logging.INFO
         if not access_log.isEnabledFor(level):
             return
+        # The message is the dict itself: logs.AccessFormatter dumps it in one call.
         access_log.log(
             level,
-            "request",
-            extra={
+            {
                 "request_id": request_id,
                 "method": request.method,
                 "path": _printable(raw_path),
