@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import textwrap
@@ -25,11 +26,36 @@ PG_ADMIN_DSN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.
 IN_CI = os.environ.get("CI") == "true"
 
 
-def _pg_unavailable(reason: str) -> None:
+def pg_unavailable(reason: str) -> None:
+    """Fail under CI (PostgreSQL is part of the test matrix there), skip elsewhere."""
     message = f"PostgreSQL at {PG_ADMIN_DSN} is needed: {reason}"
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+@contextlib.asynccontextmanager
+async def fresh_pg_database() -> AsyncIterator[str]:
+    """A new, empty database on the real PostgreSQL (its SQLAlchemy URL), dropped afterwards."""
+    name = "gw_" + secrets.token_hex(6)
+    try:
+        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pg_unavailable(f"{type(exc).__name__}: {exc}")
+        raise
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -38,22 +64,8 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
         return
-    name = "gw_" + secrets.token_hex(6)
-    try:
-        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        _pg_unavailable(str(exc))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    yield f"{base}/{name}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture
