@@ -3,6 +3,11 @@
 Imports: errors, auth, changefeed, metrics, pipeline (Settings), services, store, headers,
 admin_api (the /v1 handlers), openapi, aiohttp, aiohttp-cors.
 
+Error choices: a body that is not a JSON object sent as application/json is 400
+`bad_request`; an unknown field or a wrong type is 422 `invalid` naming the field; a body
+over 64 KiB is 413 `body_too_large`; a wrong method is 405 `method_not_allowed` with
+`Allow`. Bodies are checked before the user or token is looked up (422 before 404).
+
 One middleware owns the outside of the listener: every /v1 request needs an admin
 identity's bearer token (401 realm "gateway-admin", 403 for a service user's token), and
 every error, unknown path (404) and wrong method (405) included, is CONTRACT.md's JSON
@@ -28,7 +33,6 @@ from gateway.errors import (
     AdminUnauthorized,
     Forbidden,
     GatewayError,
-    Invalid,
     PayloadTooLarge,
     Refusal,
     StoreUnavailable,
@@ -37,7 +41,7 @@ from gateway.errors import (
 from gateway.headers import request_id_from
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.openapi import openapi_document
-from gateway.pipeline import Settings
+from gateway.pipeline import Settings, refusal
 from gateway.services import Directory
 from gateway.store import Store
 
@@ -65,7 +69,7 @@ _HTTP_CODES: Final = {
     400: Refusal.BAD_REQUEST.value,
     403: Refusal.FORBIDDEN.value,
     404: Refusal.NOT_FOUND.value,
-    405: "method_not_allowed",
+    405: Refusal.METHOD_NOT_ALLOWED.value,
     413: Refusal.BODY_TOO_LARGE.value,
 }
 _HTTP_DETAILS: Final = {
@@ -94,16 +98,6 @@ async def _admin_principal(request: web.Request) -> None:
     if principal.kind != "admin":
         raise Forbidden("only admin identities may call the admin API")
     request[PRINCIPAL] = principal
-
-
-def refusal(error: GatewayError, request_id: str) -> web.Response:
-    """CONTRACT.md's JSON error for `error` (with `field` for 422), with X-Request-Id."""
-    body = {"error": error.refusal.value, "detail": error.message}
-    if isinstance(error, Invalid):
-        body["field"] = error.field
-    headers = error.headers()
-    headers["X-Request-Id"] = request_id
-    return web.json_response(body, status=error.status, headers=headers)
 
 
 def _http_error(request: web.Request, exc: web.HTTPException, request_id: str) -> web.Response:
@@ -170,20 +164,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=context.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def build_admin_app(context: AdminContext) -> web.Application:
-    """The admin listener's app (separate port, loopback by default).
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 description of this listener (role names from the live policies/)."""
+    roles = request.app[CONTEXT].settings().table.role_names()
+    return web.Response(body=json.dumps(openapi_document(roles)).encode(), content_type="application/json")
 
-    CORS (aiohttp-cors) is on when gateway.yaml lists `admin_cors_origins`; the origins are
-    read here, at build time, so changing them needs a restart.
-    """
+
+def build_admin_app(context: AdminContext) -> web.Application:
+    """The admin listener's app (separate port, loopback by default)."""
     app = web.Application(middlewares=[admin_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = context
-    document = json.dumps(openapi_document()).encode()
-
-    async def openapi(request: web.Request) -> web.Response:
-        """The OpenAPI 3.1 description of this listener."""
-        return web.Response(body=document, content_type="application/json")
-
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -191,6 +181,8 @@ def build_admin_app(context: AdminContext) -> web.Application:
     api_routes = [
         app.router.add_route(method, path, handler) for method, path, handler in AdminApi(context).routes()
     ]
+    # CORS (aiohttp-cors) only when gateway.yaml lists admin.cors_origins; they are read once,
+    # here, so a change to them needs a restart (like the listeners).
     origins = context.settings().config.admin_cors_origins
     app[CORS_ENABLED] = bool(origins)
     if origins:

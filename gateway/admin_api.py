@@ -153,12 +153,16 @@ class Body:
 
 def parse_time_field(text: str, field: str) -> datetime:
     """An ISO 8601 date or date-time (CONTRACT.md "Times"); Invalid(field) when it is not one."""
-    try:
-        # RFC 3339 allows a lower-case "t" and "z"; fromisoformat does not.
-        return parse_time(text.upper())
-    except (ValueError, OverflowError) as exc:
-        message = str(exc) if isinstance(exc, ValueError) else f"{text[:60]!r} is out of range"
-        raise Invalid(field, message) from None
+    problem = ""
+    # RFC 3339 also allows a lower-case "t" and "z", which fromisoformat refuses.
+    for candidate in (text, text.upper()):
+        try:
+            return parse_time(candidate)
+        except ValueError as exc:
+            problem = problem or str(exc)
+        except OverflowError:
+            problem = problem or f"{text[:60]!r} is out of range"
+    raise Invalid(field, problem)
 
 
 def origins(values: list[str] | None) -> list[str] | None:

@@ -48,6 +48,7 @@ class Refusal(enum.StrEnum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     STORE_UNAVAILABLE = "store_unavailable"
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # admin API only
     INTERNAL_ERROR = "internal_error"
 
 

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 description of the admin listener, as a plain dict (served at /openapi.json).
 
-Imports: admin_api (limits), services (the name grammar). Pure data: one function builds it.
+Imports: admin_api (limits), errors (refusal codes), services (name grammar, audit limit). Pure data.
 
 The schemas are exact (every key required, no extra keys, absent values `null`), so a
 contract test can check every answer against them.
@@ -8,6 +8,7 @@ contract test can check every answer against them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from gateway.admin_api import MAX_BODY_BYTES, MAX_DESCRIPTION, MAX_LIST, MAX_ORIGIN
@@ -18,7 +19,7 @@ JSONObject = dict[str, object]
 
 REF: Final = "#/components/schemas/"
 # Refusal's codes (the proxy's ones never occur here but keep one closed list) and aiohttp's 405.
-ERROR_CODES: Final = [code.value for code in Refusal] + ["method_not_allowed"]
+ERROR_CODES: Final = [code.value for code in Refusal]
 _KINDS: Final = ("user.created", "user.updated", "user.deleted")
 ACTIONS: Final = [*_KINDS, "token.created", "token.reset", "token.expired", "token.deleted"]
 
@@ -131,42 +132,44 @@ SCHEMAS: Final[dict[str, JSONObject]] = {
             "cors": _nullable(_ref("RouteCors")),
         }
     ),
-    "NewUser": _object(
-        {
-            "name": _NAME,
-            "description": _nullable(_TEXT),
-            "roles": _nullable({**_strings(), "maxItems": MAX_LIST}),
-            "allowed_origins": _nullable({**_strings(maxLength=MAX_ORIGIN), "maxItems": MAX_LIST}),
-        },
-        required=["name"],
-    ),
-    "UserChange": _object(
-        {
-            "description": _nullable(_TEXT),
-            "roles": {**_strings(), "maxItems": MAX_LIST, "description": "replaces the whole set"},
-            "allowed_origins": {**_strings(maxLength=MAX_ORIGIN), "maxItems": MAX_LIST},
-            "disabled": {"type": "boolean"},
-        },
-        required=[],
-    ),
-    "NewToken": _object(
-        {
-            "name": _NAME,
-            "description": _nullable(_TEXT),
-            "expires_at": _nullable({"type": "string", "description": "ISO 8601 date or date-time"}),
-            "roles": _nullable({**_strings(), "maxItems": MAX_LIST, "description": "a subset of the user's"}),
-        },
-        required=["name"],
-    ),
 }
-for _list, _item in (
-    ("UserList", "User"),
-    ("TokenList", "Token"),
-    ("AuditList", "AuditEvent"),
-    ("RoleList", "Role"),
-    ("RouteList", "Route"),
-):
-    SCHEMAS[_list] = _object({"items": {"type": "array", "items": _ref(_item)}})
+for _item in ("User", "Token", "AuditEvent", "Role", "Route"):
+    SCHEMAS[_item + "List"] = _object({"items": {"type": "array", "items": _ref(_item)}})
+
+
+def _bodies(role: JSONObject) -> dict[str, JSONObject]:
+    """Request bodies; `role` is the schema of one role name (the roles policies/ defines now)."""
+    roles: JSONObject = {"type": "array", "items": role, "maxItems": MAX_LIST}
+    return {
+        "NewUser": _object(
+            {
+                "name": _NAME,
+                "description": _nullable(_TEXT),
+                "roles": _nullable({**roles}),
+                "allowed_origins": _nullable({**_strings(maxLength=MAX_ORIGIN), "maxItems": MAX_LIST}),
+            },
+            required=["name"],
+        ),
+        "UserChange": _object(
+            {
+                "description": _nullable(_TEXT),
+                "roles": {**roles, "description": "replaces the whole set"},
+                "allowed_origins": {**_strings(maxLength=MAX_ORIGIN), "maxItems": MAX_LIST},
+                "disabled": {"type": "boolean"},
+            },
+            required=[],
+        ),
+        "NewToken": _object(
+            {
+                "name": _NAME,
+                "description": _nullable(_TEXT),
+                "expires_at": _nullable({"type": "string", "description": "ISO 8601 date or date-time"}),
+                "roles": _nullable({**roles, "description": "a subset of the user's"}),
+            },
+            required=["name"],
+        ),
+    }
+
 
 _REQUEST_ID: Final[JSONObject] = {"X-Request-Id": {"schema": {"type": "string"}}}
 
@@ -373,7 +376,7 @@ def _other_paths() -> dict[str, JSONObject]:
             "get": _operation(
                 "listAuditEvents",
                 "Audit events, newest first",
-                ("200", _json(_ref("AuditList"), "the events")),
+                ("200", _json(_ref("AuditEventList"), "the events")),
                 "422",
                 parameters=[
                     _parameter("actor", "query", text, "only changes by this actor"),
@@ -404,8 +407,10 @@ def _open(summary: str, ok: JSONObject, more: dict[str, JSONObject] | None = Non
     return {"summary": summary, "security": [], "responses": {"200": ok, **(more or {})}}
 
 
-def openapi_document() -> JSONObject:
-    """The OpenAPI 3.1 document of the admin listener."""
+def openapi_document(role_names: Iterable[str] = ()) -> JSONObject:
+    """The OpenAPI 3.1 document of the admin listener; `role_names` (if any) become the roles' enum."""
+    defined = sorted(role_names)
+    role: JSONObject = {"type": "string", "enum": defined} if defined else {"type": "string"}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -417,7 +422,7 @@ def openapi_document() -> JSONObject:
         "security": [{"bearerAuth": []}],
         "paths": {**_user_paths(), **_token_paths(), **_other_paths()},
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **_bodies(role)},
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -27,7 +27,15 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.cors import OriginIndex, RouteCors, canonical_origin
-from gateway.errors import BadRequest, Forbidden, GatewayError, OriginNotAllowed, Refusal, RouteNotFound
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    Invalid,
+    OriginNotAllowed,
+    Refusal,
+    RouteNotFound,
+)
 from gateway.headers import HeaderPolicy, comma_join, request_id_from
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics
@@ -246,8 +254,9 @@ def _printable(path: str) -> str:
 
 def refusal(error: GatewayError, request_id: str) -> web.Response:
     """The CONTRACT.md JSON refusal for `error`, with X-Request-Id."""
+    body = {"error": error.refusal.value, "detail": error.message}
+    if isinstance(error, Invalid):
+        body["field"] = error.field
     headers = error.headers()
     headers["X-Request-Id"] = request_id
-    return web.json_response(
-        {"error": error.refusal.value, "detail": error.message}, status=error.status, headers=headers
-    )
+    return web.json_response(body, status=error.status, headers=headers)

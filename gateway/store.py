@@ -16,6 +16,7 @@ message only; the cause is chained and logged), never as raw driver text.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.util import CommandError
 from sqlalchemy import bindparam, event, func, literal, or_, select, union_all, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
@@ -118,7 +120,7 @@ class Store:
         self.dialect: str = engine.dialect.name
         self.url: str = engine.url.render_as_string(hide_password=True)
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(engine, expire_on_commit=False)
-        # Same pool; on SQLite its transactions take the write lock up front (see _begin).
+        # Same pool; on SQLite its transactions take the write lock up front (_sqlite_setup).
         self.write_sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             engine.execution_options(**{_IMMEDIATE: True}), expire_on_commit=False
         )
@@ -284,7 +286,8 @@ def create_engine(url: str) -> AsyncEngine:
             parsed,
             hide_parameters=True,
             pool_pre_ping=True,
-            # asyncpg waits 60 s by default: an outage must become a 503, not a hang.
+            # asyncpg waits 60 s to connect by default, and a query on a half-open TCP
+            # connection waits forever: an outage must become a 503, not a hang.
             connect_args={"timeout": 3, "command_timeout": 10},
         )
     raise ConfigError(
@@ -316,6 +319,24 @@ def head_revision() -> str | None:
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to head, once even when several processes start together.
 
+    On SQLite a writer may wait longer than the busy timeout when many processes start
+    on a fresh file at once (or the machine is loaded): retry a few times before giving up.
+    """
+    attempts = 6 if engine.dialect.name == "sqlite" else 1
+    for attempt in range(attempts):
+        try:
+            await _migrate_once(engine)
+            return
+        except StoreUnavailable:
+            if attempt == attempts - 1:
+                raise
+            log.warning("store busy while migrating; trying again")
+            await asyncio.sleep(0.5)
+
+
+async def _migrate_once(engine: AsyncEngine) -> None:
+    """One attempt at bringing the schema to head.
+
     The whole upgrade is one transaction. PostgreSQL: under a transaction-scoped
     advisory lock, so the others wait, then find the schema at head. SQLite: under
     BEGIN IMMEDIATE (the database write lock) plus the busy timeout.
@@ -325,9 +346,19 @@ async def migrate(engine: AsyncEngine) -> None:
             connection = await connection.execution_options(**{_IMMEDIATE: True})
         async with connection.begin():
             if engine.dialect.name == "postgresql":
-                await connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
-            await connection.run_sync(_upgrade)
-    log.debug("store schema at %s", head_revision())
+                # Poll rather than block: a blocking wait would be one statement, cut
+                # off by asyncpg's command_timeout if another process migrates longer.
+                try_lock = select(func.pg_try_advisory_xact_lock(MIGRATION_LOCK))
+                while not (await connection.execute(try_lock)).scalar():
+                    await asyncio.sleep(0.1)
+            try:
+                await connection.run_sync(_upgrade)
+            except CommandError as exc:
+                # Typically a revision from a newer gateway (a rollback of the software).
+                log.error("cannot migrate the store: %s", exc)
+                raise StoreUnavailable(
+                    "the store's schema is not one this gateway knows (written by a newer version?)"
+                ) from exc
 
 
 _migrate = migrate  # open_store's keyword argument shadows the name

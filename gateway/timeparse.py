@@ -33,7 +33,8 @@ def parse_time(text: str) -> datetime:
 
     Raises ValueError with a message fit for an operator (it names the expected forms).
     """
-    value = text.strip()
+    # RFC 3339 allows lower-case separators; fromisoformat does not.
+    value = text.strip().replace("t", "T").replace("z", "Z")
     if not value:
         raise ValueError("empty time; expected an ISO 8601 date (2027-01-01) or date-time")
     try:
@@ -42,7 +43,7 @@ def parse_time(text: str) -> datetime:
             return datetime(day.year, day.month, day.day, tzinfo=UTC)
         # fromisoformat (3.11) accepts "Z", "T" or " " as separator, and offsets.
         return to_utc(datetime.fromisoformat(value))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(
             f"invalid time {value!r}; expected ISO 8601, e.g. 2027-01-01 or 2027-01-01T12:00:00Z"
         ) from None

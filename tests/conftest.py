@@ -34,9 +34,8 @@ def pg_unavailable(reason: str) -> None:
     pytest.skip(message)
 
 
-@contextlib.asynccontextmanager
-async def fresh_pg_database() -> AsyncIterator[str]:
-    """A new, empty database on the real PostgreSQL (its SQLAlchemy URL), dropped afterwards."""
+async def create_pg_database() -> str:
+    """Create a new, empty database on the real PostgreSQL; return its SQLAlchemy URL."""
     name = "gw_" + secrets.token_hex(6)
     try:
         admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
@@ -48,14 +47,27 @@ async def fresh_pg_database() -> AsyncIterator[str]:
     finally:
         await admin.close()
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return f"{base}/{name}"
+
+
+async def drop_pg_database(url: str) -> None:
+    """Drop the database `create_pg_database` made."""
+    name = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
     try:
-        yield f"{base}/{name}"
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_pg_database() -> AsyncIterator[str]:
+    """A new, empty database on the real PostgreSQL (its SQLAlchemy URL), dropped afterwards."""
+    url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

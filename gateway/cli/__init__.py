@@ -26,7 +26,7 @@ import click
 from gateway.cli.commands import DEFAULT_CONFIG, cli
 from gateway.cli.session import Session
 
-__all__ = ["cli", "main", "split_config_option"]
+__all__ = ["UsageProblem", "cli", "main", "split_config_option"]
 
 
 class UsageProblem(Exception):

@@ -32,6 +32,7 @@ from gateway.timeparse import to_utc
 
 __all__ = [
     "DEFAULT_ROLE",
+    "MAX_AUDIT_LIMIT",
     "NAME_PATTERN",
     "UNSET",
     "AuditView",

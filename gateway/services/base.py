@@ -30,7 +30,7 @@ SUBSET: Final = "roles must be a subset of the user's roles"
 
 def validate_name(name: str, field: str = "name") -> str:
     """`name` if it follows the user/token/role grammar, else Invalid(field)."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise Invalid(
             field,
             f"invalid name {name!r}: use 1 to 63 characters a-z, 0-9, '.', '_' or '-', "
@@ -39,10 +39,17 @@ def validate_name(name: str, field: str = "name") -> str:
     return name
 
 
+def as_list(values: Iterable[str], field: str) -> list[str]:
+    """`values` as a list; a bare string (a likely slip: "a,b" for ["a", "b"]) is refused."""
+    if isinstance(values, str):
+        raise Invalid(field, "must be a list of strings, not one string")
+    return list(values)
+
+
 def normalize_origins(values: Iterable[str]) -> list[str]:
     """The distinct origins of `values`, normalised and sorted; Invalid("allowed_origins")."""
     normalised: set[str] = set()
-    for value in values:
+    for value in as_list(values, "allowed_origins"):
         try:
             normalised.add(normalize_origin(value))
         except ValueError as exc:
@@ -113,7 +120,7 @@ class DirectoryBase:
             yield session
 
     def _check_defined(self, roles: Iterable[str]) -> list[str]:
-        wanted = sorted(set(roles))
+        wanted = sorted(set(as_list(roles, "roles")))
         defined = self._defined_roles()
         for role in wanted:
             if role not in defined:

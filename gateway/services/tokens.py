@@ -13,7 +13,7 @@ from sqlalchemy import delete, exists, select
 from gateway import tokens
 from gateway.errors import Conflict, Invalid
 from gateway.models import Token
-from gateway.services.base import SUBSET, DirectoryBase, token_view, validate_name
+from gateway.services.base import SUBSET, DirectoryBase, as_list, token_view, validate_name
 from gateway.services.views import TokenView
 from gateway.timeparse import format_time, to_utc, utcnow
 
@@ -38,7 +38,7 @@ class TokenOperations(DirectoryBase):
             expires_at = to_utc(expires_at)
             if expires_at <= now:
                 raise Invalid("expires_at", f"expires_at {format_time(expires_at)} is not in the future")
-        fixed = None if roles is None else sorted(set(roles))
+        fixed = None if roles is None else sorted(set(as_list(roles, "roles")))
         conflict = f"token '{name}' already exists for user '{user}'"
         async with self._write(conflict=conflict) as session:
             owner = await self._user(session, user, lock=True)

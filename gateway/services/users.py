@@ -17,6 +17,7 @@ from gateway.services.base import (
     ADMIN_NO_ROLES,
     DEFAULT_ROLE,
     DirectoryBase,
+    as_list,
     normalize_origins,
     user_view,
     validate_name,
@@ -129,6 +130,8 @@ class UserOperations(DirectoryBase):
         A removed role is also removed from every fixed roles list of the user's tokens.
         Nothing changed: no audit event and no change-feed row.
         """
+        add_roles, remove_roles = as_list(add_roles, "roles"), as_list(remove_roles, "roles")
+        roles = None if roles is None else as_list(roles, "roles")
         if roles is not None and (add_roles or remove_roles):
             raise Invalid("roles", "give either the whole roles list or roles to add/remove, not both")
         if origins is not None and (add_origins or remove_origins):

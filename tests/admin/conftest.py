@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
@@ -16,6 +16,8 @@ from gateway.admin import build_admin_app
 from gateway.app import Gateway, build_proxy_app
 from gateway.config import load_config
 from tests.conftest import write_config
+
+AppClient = TestClient[web.Request, web.Application]
 
 
 @dataclass
@@ -33,8 +35,8 @@ class Admin:
     """A running gateway with clients on its admin and proxy apps, and an admin token."""
 
     gateway: Gateway
-    client: TestClient
-    proxy: TestClient
+    client: AppClient
+    proxy: AppClient
     token: str
     config: Path
 
@@ -53,9 +55,7 @@ class Admin:
         credential = self.token if token == "" else token
         if credential is not None:
             sent["Authorization"] = f"Bearer {credential}"
-        response: ClientResponse = await self.client.request(
-            method, path, json=json, headers=sent, data=data
-        )
+        response: ClientResponse = await self.client.request(method, path, json=json, headers=sent, data=data)
         text = await response.text()
         body = None
         if response.content_type == "application/json" and text:
@@ -70,19 +70,54 @@ class Admin:
 
 
 @pytest.fixture
-async def admin(tmp_path: Path, store_url: str, upstream: TestServer) -> AsyncIterator[Admin]:
-    """The real gateway on the parametrised store, an admin `root` and its token `adm`."""
-    path = write_config(tmp_path, store_url=store_url, upstream_url=str(upstream.make_url("")).rstrip("/"))
-    gateway = await Gateway.open(load_config(path, env={}))
-    client = TestClient(TestServer(build_admin_app(gateway.admin_context()), host="127.0.0.1"))
-    proxy = TestClient(TestServer(build_proxy_app(gateway), host="127.0.0.1"))
-    await client.start_server()
-    await proxy.start_server()
-    try:
+async def make_admin(
+    tmp_path: Path, store_url: str, upstream: TestServer
+) -> AsyncIterator[Callable[..., Awaitable[Admin]]]:
+    """Factory: the real gateway on the parametrised store, an admin `root` and its token `adm`."""
+    started: list[tuple[Gateway, AppClient, AppClient]] = []
+
+    async def make(**options: str) -> Admin:
+        upstream_url = str(upstream.make_url("")).rstrip("/")
+        path = write_config(tmp_path, store_url=store_url, upstream_url=upstream_url, **options)
+        gateway = await Gateway.open(load_config(path, env={}))
+        client = TestClient(TestServer(build_admin_app(gateway.admin_context()), host="127.0.0.1"))
+        proxy = TestClient(TestServer(build_proxy_app(gateway), host="127.0.0.1"))
+        started.append((gateway, client, proxy))
+        await client.start_server()
+        await proxy.start_server()
         await gateway.directory.create_user("root", actor="test", admin=True)
         _, secret = await gateway.directory.create_token("root", "adm", actor="test")
-        yield Admin(gateway, client, proxy, secret, path)
-    finally:
+        return Admin(gateway, client, proxy, secret, path)
+
+    yield make
+    for gateway, client, proxy in started:
         await proxy.close()
         await client.close()
         await gateway.close()
+
+
+@pytest.fixture
+async def admin(make_admin: Callable[..., Awaitable[Admin]]) -> Admin:
+    """The default gateway (routes echo, deep, strip) with its admin listener."""
+    return await make_admin()
+
+
+async def issue(admin: Admin, user: str = "svc", name: str = "t1", **fields: Any) -> dict[str, Any]:
+    """Create `user` (role writer) if needed and issue a token through the API; the create answer."""
+    if (await admin.call("GET", f"/v1/service-users/{user}")).status == 404:
+        created = await admin.call("POST", "/v1/service-users", json={"name": user, "roles": ["writer"]})
+        assert created.status == 201, created.text
+    answer = await admin.call("POST", f"/v1/service-users/{user}/tokens", json={"name": name, **fields})
+    assert answer.status == 201, answer.text
+    body: dict[str, Any] = answer.body
+    return body
+
+
+def assert_error(answer: Answer, status: int, error: str, field: str | None = None) -> None:
+    """`answer` is CONTRACT.md's JSON refusal `error` with X-Request-Id (and `field` for 422)."""
+    assert answer.status == status, answer.text
+    assert answer.body is not None and answer.body["error"] == error, answer.text
+    assert isinstance(answer.body["detail"], str) and answer.body["detail"]
+    assert answer.headers.get("X-Request-Id")
+    if field is not None:
+        assert answer.body.get("field") == field, answer.text

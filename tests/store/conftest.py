@@ -2,65 +2,57 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
-import asyncpg
 import pytest
+from sqlalchemy import text
 
+from gateway.models import Base
 from gateway.services import Directory
 from gateway.store import Store, open_store
+from tests.conftest import create_pg_database, drop_pg_database
 
-PG_ADMIN_DSN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+T = TypeVar("T")
+
 ROLES = frozenset({"service-user-project-admin", "reader", "writer", "other"})
 ACTOR = "test:admin"
 
 
-def pg_unavailable(reason: str) -> None:
-    """Fail in CI (PostgreSQL is part of the test matrix there), skip elsewhere."""
-    message = f"PostgreSQL at {PG_ADMIN_DSN} is needed: {reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+def _run_aside(work: Callable[[], Coroutine[None, None, T]]) -> T:
+    """Run `work` to completion on a fresh event loop in another thread (skips propagate)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(work())).result()
 
 
-async def _pg_admin() -> asyncpg.Connection:
+@pytest.fixture(scope="session")
+def shared_pg_url() -> Iterator[str]:
+    """One PostgreSQL database for the whole session (creating one per test costs ~1 s).
+
+    Built on its own thread and event loop: it may be requested from inside a running
+    test loop, and each test opens its own engine on its own loop anyway.
+    """
+    url = _run_aside(create_pg_database)
     try:
-        return await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pg_unavailable(f"{type(exc).__name__}: {exc}")
-        raise  # unreachable: skip/fail raise
+        yield url
+    finally:
+        _run_aside(lambda: drop_pg_database(url))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """The URL of a fresh, empty store: a SQLite file in tmp_path, or a new PostgreSQL database."""
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An open, migrated, empty store: a new SQLite file, or the session's PostgreSQL database
+    emptied (ids restarted) for this test."""
     if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
-        return
-    name = "gw_" + secrets.token_hex(6)
-    admin = await _pg_admin()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    """An open, migrated store."""
-    opened = await open_store(store_url)
+        opened = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    else:
+        opened = await open_store(request.getfixturevalue("shared_pg_url"))
+        tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+        async with opened.engine.begin() as connection:
+            await connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     try:
         yield opened
     finally:

@@ -113,9 +113,24 @@ async def test_unreachable_store_after_open_raises_store_unavailable() -> None:
 async def test_sqlite_in_a_missing_directory_is_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         await open_store(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'gw.db'}")
+    # aiosqlite (0.22) stops the worker thread of a failed connect without awaiting it;
+    # let the thread report back before this test's event loop closes.
+    await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize("url", ["mysql+aiomysql://u@h/db", "not a url"])
 async def test_unsupported_urls_are_config_errors(url: str) -> None:
     with pytest.raises(ConfigError):
         await open_store(url)
+
+
+async def test_a_schema_from_a_newer_gateway_is_refused_clearly(store: Store) -> None:
+    set_version = text("UPDATE alembic_version SET version_num = :version")
+    async with store.engine.begin() as connection:
+        await connection.execute(set_version, {"version": "9999"})
+    try:
+        with pytest.raises(StoreUnavailable, match="newer version"):
+            await migrate(store.engine)
+    finally:  # the PostgreSQL database is shared by the session's tests
+        async with store.engine.begin() as connection:
+            await connection.execute(set_version, {"version": head_revision()})

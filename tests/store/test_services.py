@@ -351,3 +351,17 @@ async def test_list_audit_filters(directory: Directory) -> None:
         with pytest.raises(Invalid) as caught:
             await directory.list_audit(limit=limit)
         assert caught.value.field == "limit"
+
+
+async def test_a_bare_string_is_not_a_list(directory: Directory) -> None:
+    await directory.create_user("svc", actor=ACTOR, roles=["reader"])
+    calls = [
+        ("roles", directory.create_user("x", actor=ACTOR, roles="reader")),
+        ("allowed_origins", directory.create_user("y", actor=ACTOR, origins="https://a.example")),
+        ("roles", directory.update_user("svc", actor=ACTOR, add_roles="writer")),
+        ("roles", directory.create_token("svc", "t", actor=ACTOR, roles="reader")),
+    ]
+    for field, call in calls:
+        with pytest.raises(Invalid) as caught:
+            await call
+        assert caught.value.field == field

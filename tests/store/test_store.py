@@ -13,7 +13,8 @@ from sqlalchemy import event, text
 from gateway import tokens
 from gateway.services import Directory
 from gateway.store import Change, Principal, Store
-from tests.store.conftest import ACTOR, PG_ADMIN_DSN
+from tests.conftest import PG_ADMIN_DSN
+from tests.store.conftest import ACTOR
 
 FUTURE = datetime(2099, 1, 1, tzinfo=UTC)
 
@@ -189,13 +190,14 @@ async def test_sqlite_writes_begin_immediate(tmp_path: Path) -> None:
         await store.close()
 
 
-async def _store_text(store: Store, store_url: str) -> bytes:
+async def _store_text(store: Store) -> bytes:
     """Everything the store holds, as bytes: the SQLite files, or every PostgreSQL table as text."""
+    database = store.engine.url.database or ""
     if store.dialect == "sqlite":
-        path = Path(store_url.split("///", 1)[1])
+        path = Path(database)
         await store.close()  # checkpoint the WAL; read the main file and anything left beside it
         return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
-    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + store_url.rsplit("/", 1)[1]
+    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
     connection = await asyncpg.connect(dsn)
     try:
         tables = await connection.fetch(
@@ -212,9 +214,7 @@ async def _store_text(store: Store, store_url: str) -> bytes:
         await connection.close()
 
 
-async def test_the_store_never_holds_a_token_secret(
-    store: Store, store_url: str, directory: Directory
-) -> None:
+async def test_the_store_never_holds_a_token_secret(store: Store, directory: Directory) -> None:
     await directory.create_user("svc", actor=ACTOR, description="holds secrets?")
     view, first = await directory.create_token("svc", "t", actor=ACTOR, description="d")
     _, second = await directory.reset_token("svc", "t", actor=ACTOR)
@@ -224,7 +224,7 @@ async def test_the_store_never_holds_a_token_secret(
     async with store.engine.connect() as connection:
         stored = (await connection.execute(text("SELECT digest FROM tokens ORDER BY name"))).scalars().all()
     assert stored == [tokens.digest(second), tokens.digest(third)]
-    content = await _store_text(store, store_url)
+    content = await _store_text(store)
     assert b"holds secrets?" in content and tokens.digest(second).encode() in content  # the dump works
     for secret in (first, second, third):
         assert secret.encode() not in content
