@@ -83,6 +83,23 @@ def check(session: Session) -> None:
     click.echo(f"ok: {len(config.routes)} routes, {len(roles)} roles")
 
 
+@cli.command("demo-upstream")
+@click.option(
+    "--listen", default="127.0.0.1:9000", show_default=True, metavar="HOST:PORT", help="where to listen"
+)
+def demo_upstream(listen: str) -> None:
+    """Run the demo echo upstream the shipped routes point at (answers with what it received)."""
+    from gateway.config import parse_listen
+    from gateway.echo import run_echo
+
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from exc
+    click.echo(f"demo upstream echoing on http://{listen}/ (Ctrl-C to stop)")
+    run_echo(host, port)
+
+
 # -- user ----------------------------------------------------------------------------
 
 
