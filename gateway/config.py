@@ -88,7 +88,8 @@ class Config:
     path: Path  # absolute path of the config file
     proxy_listen: Address = ("127.0.0.1", 8080)
     admin_listen: Address = ("127.0.0.1", 8081)
-    store_url: str = ""  # sqlite+aiosqlite:////abs/path.db or postgresql+asyncpg://...
+    # sqlite+aiosqlite:////abs/path.db or postgresql+asyncpg://...; may hold a password, so not in repr
+    store_url: str = field(default="", repr=False)
     policies_path: Path = Path("policies")  # absolute after load_config
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     identity: IdentityConfig = field(default_factory=IdentityConfig)

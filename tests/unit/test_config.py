@@ -642,3 +642,14 @@ def test_shipped_config_loads() -> None:
         expose_headers=("X-Request-Id",),
         max_age=600,
     )
+
+
+def test_store_password_stays_out_of_the_config_repr() -> None:
+    from pathlib import Path
+
+    from gateway.config import load_config
+
+    shipped = Path(__file__).resolve().parent.parent.parent / "gateway.yaml"
+    config = load_config(shipped, env={"GATEWAY_STORE_URL": "postgresql+asyncpg://u:hunter2@db.example/gw"})
+    assert config.store_url.endswith("u:hunter2@db.example/gw")
+    assert "hunter2" not in repr(config)
