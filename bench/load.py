@@ -1,0 +1,206 @@
+"""Load generators: wrk for request rates and latency, curl for the streaming runs."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import CLK_TCK, RssSampler, core_ticks, status_kib, tree_cpu_ticks
+
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_report.lua"
+
+
+def shown(argv: list[str], secret: str) -> str:
+    """`argv` as a shell command, with the token replaced by $TOKEN (never written to RESULTS.md)."""
+    text = shlex.join(argv)
+    return text.replace(secret, "$TOKEN") if secret else text
+
+
+@dataclass
+class WrkResult:
+    """One wrk run against one server, plus that server's CPU time over the run."""
+
+    connections: int
+    requests: int
+    duration_s: float
+    rps: float
+    lat_mean_ms: float
+    lat_p50_ms: float
+    lat_p90_ms: float
+    lat_p99_ms: float
+    lat_max_ms: float
+    errors: dict[str, int]
+    cpu_us_per_req: float | None
+    cpu_util: float | None
+    """Server CPU seconds per wall second over the run (1.0 = one core busy)."""
+    others_on_sut_core: float | None = None
+    """Share of the server's core used by anything but the server during the run (0..1)."""
+    settle: str = ""
+    command: str = ""
+    raw: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def run_wrk(
+    url: str,
+    *,
+    connections: int,
+    duration: float,
+    token: str = "",
+    cpus: str = "0",
+    server_pid: int | None = None,
+    sut_core: int | None = None,
+    timeout_s: int = 5,
+) -> WrkResult:
+    """`taskset -c CPUS wrk -t1 -cN -dDs --latency` (+ the Authorization header when `token`)."""
+    argv = [
+        "taskset",
+        "-c",
+        cpus,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        f"--timeout={timeout_s}s",
+    ]
+    argv += ["--latency", "-s", str(WRK_SCRIPT)]
+    if token:
+        argv += ["-H", f"Authorization: Bearer {token}"]
+    argv.append(url)
+    before = tree_cpu_ticks(server_pid) if server_pid else None
+    core_before = core_ticks(sut_core) if sut_core is not None else None
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
+    wall = time.monotonic() - started
+    after = tree_cpu_ticks(server_pid) if server_pid else None
+    core_after = core_ticks(sut_core) if sut_core is not None else None
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no WRK_JSON line:\n{done.stdout}\n{done.stderr}")
+    raw = json.loads(line.removeprefix("WRK_JSON "))
+    requests = int(raw["requests"])
+    duration_s = raw["duration_us"] / 1e6
+    cpu_us: float | None = None
+    util: float | None = None
+    if before is not None and after is not None:
+        cpu_s = (after - before) / CLK_TCK
+        cpu_us = cpu_s * 1e6 / requests if requests else None
+        util = cpu_s / wall
+    others: float | None = None
+    if core_before is not None and core_after is not None:
+        core_busy = core_after[0] - core_before[0]
+        core_total = max(1, core_after[1] - core_before[1])
+        server_ticks = (after - before) if after is not None and before is not None else 0
+        others = max(0.0, (core_busy - server_ticks) / core_total)
+    return WrkResult(
+        connections=connections,
+        requests=requests,
+        duration_s=duration_s,
+        rps=requests / duration_s if duration_s else 0.0,
+        lat_mean_ms=raw["lat_mean_us"] / 1000,
+        lat_p50_ms=raw["lat_p50_us"] / 1000,
+        lat_p90_ms=raw["lat_p90_us"] / 1000,
+        lat_p99_ms=raw["lat_p99_us"] / 1000,
+        lat_max_ms=raw["lat_max_us"] / 1000,
+        errors={
+            key: int(raw[key])
+            for key in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+        },
+        cpu_us_per_req=cpu_us,
+        cpu_util=util,
+        others_on_sut_core=others,
+        command=shown(argv, token),
+        raw=raw,
+    )
+
+
+@dataclass
+class StreamResult:
+    """One streamed transfer through the gateway."""
+
+    direction: str
+    bytes: int
+    seconds: float
+    mb_per_s: float
+    http_code: int
+    peak_rss_mb: float
+    baseline_rss_mb: float
+    hwm_mb: float
+    rss_samples: int
+    gateway_cpu_util: float
+    """Gateway CPU seconds per wall second during the transfer."""
+    others_on_sut_core: float | None
+    command: str
+
+
+def run_curl_stream(
+    direction: str,
+    url: str,
+    *,
+    token: str,
+    size: int,
+    gateway_pid: int,
+    cpus: str,
+    upload_file: Path | None = None,
+    sut_core: int | None = None,
+    max_time: int = 300,
+) -> StreamResult:
+    """Download to /dev/null or upload a (sparse) file with curl, sampling the gateway's VmRSS."""
+    answer = None if upload_file is None else upload_file.with_suffix(".response.json")
+    sink = "/dev/null" if answer is None or direction == "download" else str(answer)
+    argv = ["taskset", "-c", cpus, "curl", "-sS", "--max-time", str(max_time), "-o", sink]
+    argv += ["-w", "%{http_code} %{size_download} %{size_upload} %{time_total}"]
+    argv += ["-H", f"Authorization: Bearer {token}"]
+    if direction == "upload":
+        assert upload_file is not None
+        argv += ["-X", "POST", "-H", "Content-Type: application/octet-stream", "-T", str(upload_file)]
+    argv.append(url)
+    baseline = status_kib(gateway_pid, "VmRSS")
+    ticks = tree_cpu_ticks(gateway_pid)
+    core_before = core_ticks(sut_core) if sut_core is not None else None
+    started = time.monotonic()
+    with RssSampler(gateway_pid, 0.05) as sampler:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=max_time + 30, check=False)
+    server_ticks = tree_cpu_ticks(gateway_pid) - ticks
+    util = server_ticks / CLK_TCK / (time.monotonic() - started)
+    others: float | None = None
+    if core_before is not None:
+        core_after = core_ticks(sut_core)
+        others = max(
+            0.0, (core_after[0] - core_before[0] - server_ticks) / max(1, core_after[1] - core_before[1])
+        )
+    hwm = status_kib(gateway_pid, "VmHWM")
+    if done.returncode != 0:
+        raise RuntimeError(f"curl {direction} failed ({done.returncode}): {done.stderr}")
+    code, down, up, total = done.stdout.split()
+    moved = int(float(down if direction == "download" else up))
+    seconds = float(total)
+    if moved != size or code != "200":
+        raise RuntimeError(f"curl {direction}: moved {moved} bytes, expected {size} (HTTP {code})")
+    if direction == "upload" and answer is not None:
+        received = json.loads(answer.read_text())["received"]
+        if received != size:
+            raise RuntimeError(f"upload: the upstream received {received} bytes, expected {size}")
+    return StreamResult(
+        direction=direction,
+        bytes=moved,
+        seconds=seconds,
+        mb_per_s=moved / seconds / 1e6,
+        http_code=int(code),
+        peak_rss_mb=sampler.peak_kib * 1024 / 1e6,
+        baseline_rss_mb=baseline * 1024 / 1e6,
+        hwm_mb=hwm * 1024 / 1e6,
+        rss_samples=sampler.samples,
+        gateway_cpu_util=util,
+        others_on_sut_core=others,
+        command=shown(argv, token),
+    )

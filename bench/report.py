@@ -1,0 +1,488 @@
+"""bench/RESULTS.md: the latest run in full, targets with PASS/FAIL, and a short history."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.load import WrkResult
+    from bench.run import Results, ServerRun
+
+HISTORY_KEEP = 12
+HEADLINE_MARK = "<!-- headline: "
+HISTORY_HEADER = (
+    "| date | commit | (c) SQLite req/s | (c) PG req/s | (d) bare req/s | (b) nginx req/s | (c) p99 ms "
+    "| (c)/(b) | (c)/(d) | added µs (c) / (d) | stream MB/s down / up | peak RSS MB "
+    "| lookup p99 ms SQLite / PG "
+    "| targets |"
+)
+
+
+@dataclass
+class Target:
+    what: str
+    measured: str
+    passed: bool | None  # None: not measured
+    interference: str = "–"
+    """How much CPU other processes took while it was measured (see Method)."""
+
+    @property
+    def verdict(self) -> str:
+        return "not measured" if self.passed is None else ("PASS" if self.passed else "FAIL")
+
+
+def _f(value: float | None, fmt: str = ",.0f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.0f} %"
+
+
+def _run(results: Results, key: str) -> ServerRun | None:
+    run = results.runs.get(key)
+    return run if run is not None and run.c50 is not None else None
+
+
+def added_latency_us(results: Results, key: str, stat: str = "p50") -> float | None:
+    """Latency at 1 connection through `key` minus that of the upstream direct, in µs.
+
+    `stat` is "p50" (the median: what the targets use, robust to other processes' bursts
+    on this shared machine) or "mean".
+    """
+    run, direct = _run(results, key), _run(results, "direct")
+    if run is None or direct is None or run.c1 is None or direct.c1 is None:
+        return None
+    if stat == "mean":
+        return (run.c1.lat_mean_ms - direct.c1.lat_mean_ms) * 1000
+    return (run.c1.lat_p50_ms - direct.c1.lat_p50_ms) * 1000
+
+
+def ratio(results: Results, a: str, b: str) -> float | None:
+    run_a, run_b = _run(results, a), _run(results, b)
+    if run_a is None or run_b is None or run_a.c50 is None or run_b.c50 is None or not run_b.c50.rps:
+        return None
+    return run_a.c50.rps / run_b.c50.rps
+
+
+def _others(*results: WrkResult | None) -> str:
+    """'core 1: others took X % (…)' for the runs a target compares."""
+    shares = [r.others_on_sut_core for r in results if r is not None and r.others_on_sut_core is not None]
+    if not shares:
+        return "–"
+    return " / ".join(f"{share * 100:.0f} %" for share in shares) + " of core 1"
+
+
+def targets(results: Results) -> list[Target]:
+    found: list[Target] = []
+    throughput = "throughput" in results.options.only
+    bare = _run(results, "bare")
+    bare_c50 = bare.c50 if bare is not None else None
+    bare_c1 = bare.c1 if bare is not None else None
+    bare_added = added_latency_us(results, "bare")
+    for key, store in (("gw-sqlite", "SQLite"), ("gw-pg", "PostgreSQL")):
+        if not throughput:
+            continue
+        run = _run(results, key)
+        c50 = run.c50 if run is not None else None
+        c1 = run.c1 if run is not None else None
+        vs_bare = ratio(results, key, "bare")
+        found.append(
+            Target(
+                f"one worker ({store}) ≥ 0.9 × (d) throughput",
+                "–"
+                if c50 is None or vs_bare is None or bare_c50 is None
+                else f"{c50.rps:,.0f} req/s = {vs_bare:.2f} × (d)'s {bare_c50.rps:,.0f}",
+                None if vs_bare is None else vs_bare >= 0.9,
+                _others(c50, bare_c50),
+            )
+        )
+        found.append(
+            Target(
+                f"one worker ({store}) ≥ 2 × 3,100 = 6,200 req/s",
+                "–" if c50 is None else f"{c50.rps:,.0f} req/s",
+                None if c50 is None else c50.rps >= 6200,
+                _others(c50),
+            )
+        )
+        found.append(
+            Target(
+                f"p99 ≤ 20 ms at {results.options.connections} connections ({store})",
+                "–" if c50 is None else f"{c50.lat_p99_ms:.2f} ms",
+                None if c50 is None else c50.lat_p99_ms <= 20,
+                _others(c50),
+            )
+        )
+        added = added_latency_us(results, key)
+        found.append(
+            Target(
+                f"added latency at 1 connection ≤ 1.2 × (d)'s ({store}; medians)",
+                "–"
+                if added is None or bare_added is None
+                else f"{added:.0f} µs vs (d) {bare_added:.0f} µs (limit {1.2 * bare_added:.0f} µs)",
+                None if added is None or bare_added is None else added <= 1.2 * bare_added,
+                _others(c1, bare_c1),
+            )
+        )
+    if "streaming" in results.options.only:
+        through = {r.direction: r for label, r in results.streams if label == "through the gateway"}
+        for direction in ("download", "upload"):
+            result = through.get(direction)
+            found.append(
+                Target(
+                    f"streaming {direction} ≥ 300 MB/s",
+                    "–" if result is None else f"{result.mb_per_s:,.0f} MB/s",
+                    None if result is None else result.mb_per_s >= 300,
+                    "–" if result is None else f"{_pct(result.others_on_sut_core)} of core 1",
+                )
+            )
+        peak = max((r.peak_rss_mb for r in through.values()), default=None)
+        found.append(
+            Target(
+                "gateway peak RSS while streaming ≤ 100 MB",
+                "–" if peak is None else f"{peak:.1f} MB",
+                None if peak is None else peak <= 100,
+            )
+        )
+    if "lookups" in results.options.only:
+        for lookup in results.lookups:
+            for kind, p99 in (("existing", lookup.known_p99_ms), ("unknown", lookup.unknown_p99_ms)):
+                found.append(
+                    Target(
+                        f"cold lookup p99 ≤ 5 ms ({lookup.store}, {kind} digests, {lookup.tokens:,} tokens)",
+                        f"{p99:.2f} ms",
+                        p99 <= 5,
+                        f"machine {_pct(lookup.machine_busy)} busy, this process {_pct(lookup.own_cpu)}",
+                    )
+                )
+    return found
+
+
+def _wrk_row(label: str, result: WrkResult | None, note: str = "") -> str:
+    if result is None:
+        return f"| {label} | – | – | – | – | – | – | – | – | {note or 'not measured'} |"
+    errors = result.error_count
+    util = "–" if result.cpu_util is None else f"{result.cpu_util * 100:.0f} %"
+    others = "–" if result.others_on_sut_core is None else f"{result.others_on_sut_core * 100:.0f} %"
+    return (
+        f"| {label} | {result.rps:,.0f} | {result.lat_p50_ms:.2f} | {result.lat_p99_ms:.2f} "
+        f"| {result.lat_max_ms:.1f} | {_f(result.cpu_us_per_req)} | {util} "
+        f"| {others} | {errors} | {note} |"
+    )
+
+
+def headline(results: Results) -> str:
+    facts = results.facts
+    gw, pg = _run(results, "gw-sqlite"), _run(results, "gw-pg")
+    bare, nginx = _run(results, "bare"), _run(results, "nginx")
+    through = {r.direction: r for label, r in results.streams if label == "through the gateway"}
+    peak = max((r.peak_rss_mb for r in through.values()), default=None)
+    lookups = {lk.store: lk for lk in results.lookups}
+    all_targets = targets(results)
+    passed = sum(1 for t in all_targets if t.passed)
+    measured = sum(1 for t in all_targets if t.passed is not None)
+
+    def rps(run: ServerRun | None) -> str:
+        return "–" if run is None or run.c50 is None else f"{run.c50.rps:,.0f}"
+
+    def lookup_p99(store: str) -> str:
+        lk = lookups.get(store)
+        return "–" if lk is None else f"{max(lk.known_p99_ms, lk.unknown_p99_ms):.2f}"
+
+    added_gw, added_bare = added_latency_us(results, "gw-sqlite"), added_latency_us(results, "bare")
+    cells = [
+        facts.get("date", "?")[:16],
+        facts.get("git commit", "?")[:10],
+        rps(gw),
+        rps(pg),
+        rps(bare),
+        rps(nginx),
+        "–" if gw is None or gw.c50 is None else f"{gw.c50.lat_p99_ms:.1f}",
+        _f(ratio(results, "gw-sqlite", "nginx"), ".2f"),
+        _f(ratio(results, "gw-sqlite", "bare"), ".2f"),
+        f"{_f(added_gw)} / {_f(added_bare)}",
+        " / ".join(_f(through[d].mb_per_s) if d in through else "–" for d in ("download", "upload")),
+        _f(peak, ".1f"),
+        f"{lookup_p99('SQLite')} / {lookup_p99('PostgreSQL')}",
+        f"{passed}/{measured}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _history(previous: Path) -> list[str]:
+    """Headline rows of earlier runs: the previous file's own headline first, then its history."""
+    try:
+        text = previous.read_text()
+    except OSError:
+        return []
+    rows: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(HEADLINE_MARK) and line.endswith(" -->"):
+            rows.append(line[len(HEADLINE_MARK) : -len(" -->")])
+    _, _, tail = text.partition("\n## History")
+    for line in tail.splitlines():
+        if line.startswith("| ") and not line.startswith("| date ") and not re.match(r"^\|[\s|:-]+\|$", line):
+            rows.append(line)
+    return rows[:HISTORY_KEEP]
+
+
+def render(results: Results, previous: Path) -> str:
+    options = results.options
+    facts = results.facts
+    out: list[str] = []
+    add = out.append
+    mode = (
+        "full run"
+        if not options.quick and options.only == ("throughput", "streaming", "lookups")
+        else (("quick run" if options.quick else "partial run") + f", scenarios: {', '.join(options.only)}")
+    )
+    add("# Gateway benchmark results")
+    add("")
+    add(
+        f"Latest run: {facts.get('date', '?')}, {mode}, {results.elapsed_s:.0f} s in all. "
+        "This file is overwritten by every full run of the bench; the **History** section at the "
+        "bottom keeps the headline numbers of earlier runs."
+    )
+    add("")
+    add(
+        "Re-run (as root, from the repository root; installs `nginx-light` and `wrk` "
+        "with apt-get if missing):"
+    )
+    add("")
+    add("```sh")
+    add("bash bench/run.sh                       # everything, 6-10 minutes; rewrites bench/RESULTS.md")
+    add("bash bench/run.sh --quick               # short runs; writes bench/work/RESULTS.partial.md")
+    add("bash bench/run.sh --only throughput     # or streaming, lookups (comma-separated or repeated)")
+    add("```")
+    add("")
+    add("## Targets")
+    add("")
+    add(
+        "The last column is how much CPU other processes took while the figure was measured "
+        "(see Method): this machine is shared, and throughput and latency figures taken while "
+        "others used a large share of core 1 understate what the code can do. Re-run on a quiet "
+        "machine before drawing conclusions from a FAIL that comes with a large share there."
+    )
+    add("")
+    add("| target | measured | verdict | others' CPU while measured |")
+    add("|---|---|---|---|")
+    for target in targets(results):
+        add(f"| {target.what} | {target.measured} | **{target.verdict}** | {target.interference} |")
+    add("")
+    add("## Machine")
+    add("")
+    add("| fact | value |")
+    add("|---|---|")
+    for key, value in facts.items():
+        add(f"| {key} | {value} |")
+    add("")
+    add(
+        "This machine is shared: other processes (other sessions' test servers, PostgreSQL, brokers) "
+        "run on both cores and are not pinned, so every figure carries that noise. Load averages:"
+    )
+    add("")
+    for note in results.notes:
+        add(f"- {note}")
+    add("")
+    add("## Method")
+    add("")
+    add(
+        f"- Load: `wrk -t1 -c{options.connections}` pinned to core 0 (`taskset -c 0`), {options.warmup:g} s "
+        f"warm-up (discarded), then {options.duration:g} s measured; "
+        f"then `-c1` for {options.c1_duration:g} s "
+        "to get the latency a single client sees. Latency percentiles come from wrk's own histogram "
+        "(`bench/wrk_report.lua` prints them as JSON at the end; no per-request Lua runs)."
+    )
+    add(
+        "- Upstream: nginx (`nginx-light`, one process: `master_process off`, `access_log off`) answering "
+        "every request with a fixed 98-byte JSON body. **It runs on core 0 together with wrk**, so the "
+        "server under test has core 1 to itself; (a) is therefore wrk and nginx sharing one core."
+    )
+    add(
+        "- Server under test pinned to core 1 (`taskset -c 1`): (b) nginx as a plain reverse proxy "
+        "(keep-alive pool to the upstream), (c) `python -m gateway --config X serve` (uvloop, "
+        "`log_level: info`, JSON log on stderr to a file) with a real token from its store, a real "
+        "route policy (`GET /bench/**` requires `bench:read`) and the identity headers, on SQLite and "
+        "on a fresh PostgreSQL database `gw_bench_<random>` (dropped afterwards), and (d) "
+        "`bench/bare_proxy.py`: aiohttp + uvloop, a dict of tokens, no policy, no logging, response "
+        "streamed with StreamResponse."
+    )
+    add(
+        "- Before each load a request checks the 98-byte body and, through (c) and (d), that the "
+        "upstream saw `X-Service-User: bench` (nginx echoes it as `X-Seen-User`)."
+    )
+    add(
+        "- CPU µs per request: utime+stime+cutime+cstime of the server under test (and any child "
+        "process) from `/proc/PID/stat`, before and after the measured run, divided by the requests "
+        "wrk completed. Server CPU % is the same CPU time over the wall time (100 % = one core)."
+    )
+    add(
+        "- Others on core 1: the busy time of core 1 (`/proc/stat`) during the run minus the server's "
+        "own, over the run's time: how much of the server's core other processes took. Before each "
+        f"server's runs the bench waits (at most {options.settle:g} s) for the machine's CPU use to "
+        "drop below 25 %; the other processes are not stopped, so a figure taken while they were "
+        "busy is lower than the code can do."
+    )
+    add(
+        "- Added latency per request: median (p50) latency at 1 connection through the server minus "
+        "that of (a) at 1 connection (the target compares these medians; the mean-based difference "
+        "is shown too, but the means carry the other processes' bursts)."
+    )
+    add(
+        "- Each figure comes from one run. On this shared 2-core VM, repeated runs of the same commit "
+        "differed by 15-40 % in req/s while other processes were active, so read a figure together "
+        "with its interference column and the History section."
+    )
+    add("- Every process is started and stopped by PID; all traffic goes to 127.0.0.1.")
+    add("")
+    if "throughput" in options.only:
+        add(f"## Throughput and latency, {options.connections} connections")
+        add("")
+        add(
+            "| server | req/s | p50 ms | p99 ms | max ms | CPU µs/req | server CPU "
+            "| others on core 1 | errors | note |"
+        )
+        add("|---|---|---|---|---|---|---|---|---|---|")
+        for run in results.runs.values():
+            add(_wrk_row(run.label, run.c50, run.note))
+        if results.workers2_run is not None:
+            add(_wrk_row("(c) gateway `--workers 2`, SQLite", results.workers2_run, "unpinned"))
+        add("")
+        add(
+            f"- (c)/(b) throughput: SQLite {_f(ratio(results, 'gw-sqlite', 'nginx'), '.2f')}, "
+            f"PostgreSQL {_f(ratio(results, 'gw-pg', 'nginx'), '.2f')}"
+        )
+        add(
+            f"- (c)/(d) throughput: SQLite {_f(ratio(results, 'gw-sqlite', 'bare'), '.2f')}, "
+            f"PostgreSQL {_f(ratio(results, 'gw-pg', 'bare'), '.2f')}"
+        )
+        cpu = {k: r.c50.cpu_us_per_req for k, r in results.runs.items() if r.c50 is not None}
+        if cpu.get("gw-sqlite") and cpu.get("bare") and cpu.get("nginx"):
+            add(
+                f"- (c)/(b) CPU per request: {cpu['gw-sqlite'] / cpu['nginx']:.1f} ×; "
+                f"(c)/(d) CPU per request: {cpu['gw-sqlite'] / cpu['bare']:.2f} × (SQLite)"
+            )
+        add(f"- `gateway serve --workers 2`: {results.workers2}")
+        add("")
+        add("### 1 connection (added latency)")
+        add("")
+        add(
+            "| server | req/s | mean µs | p50 µs | p99 µs | added µs (mean − (a)) "
+            "| added µs (p50 − (a)) | CPU µs/req | others on core 1 |"
+        )
+        add("|---|---|---|---|---|---|---|---|---|")
+        for key, run in results.runs.items():
+            if run.c1 is None:
+                add(f"| {run.label} | – | – | – | – | – | – | – | – |")
+                continue
+            added = "–" if key == "direct" else _f(added_latency_us(results, key, "mean"))
+            added_p50 = "–" if key == "direct" else _f(added_latency_us(results, key))
+            add(
+                f"| {run.label} | {run.c1.rps:,.0f} | {run.c1.lat_mean_ms * 1000:,.0f} "
+                f"| {run.c1.lat_p50_ms * 1000:,.0f} | {run.c1.lat_p99_ms * 1000:,.0f} "
+                f"| {added} | {added_p50} "
+                f"| {_f(run.c1.cpu_us_per_req)} | {_pct(run.c1.others_on_sut_core)} |"
+            )
+        add("")
+    if "streaming" in options.only:
+        size = options.stream_bytes
+        add(f"## Streaming, {size / 1e9:g} GB each way (1 GB = 10^9 bytes, MB = 10^6 bytes)")
+        add("")
+        add(
+            "Upstream `bench/stream_upstream.py` (aiohttp, core 0) streams N bytes or consumes the body; "
+            "client `curl` (download to /dev/null; upload `-T` of a sparse file, so with "
+            "Content-Length and curl's `Expect: 100-continue`). Through the gateway (SQLite store, "
+            "`log_level: info`): the gateway on core 1, curl on core 0 with the upstream. Direct: curl "
+            "on core 1, so client and upstream do not share a core (a reference for what they can do "
+            "without the gateway). RSS: VmRSS from `/proc/PID/status` every 50 ms during the "
+            "transfer, of the gateway (of the upstream in the direct rows)."
+        )
+        add("")
+        add(
+            "| path | direction | MB/s | seconds | peak RSS MB | RSS before MB | VmHWM MB "
+            "| server CPU | others on core 1 | samples |"
+        )
+        add("|---|---|---|---|---|---|---|---|---|---|")
+        for label, result in results.streams:
+            add(
+                f"| {label} | {result.direction} | {result.mb_per_s:,.0f} | {result.seconds:.2f} "
+                f"| {result.peak_rss_mb:.1f} | {result.baseline_rss_mb:.1f} | {result.hwm_mb:.1f} "
+                f"| {result.gateway_cpu_util * 100:.0f} % | {_pct(result.others_on_sut_core)} "
+                f"| {result.rss_samples} |"
+            )
+        add("")
+    if "lookups" in options.only:
+        add(f"## Cold token lookups, {options.lookup_tokens:,} tokens")
+        add("")
+        add(
+            "Stores filled with SQLAlchemy core `insert()` executemany on the gateway's own tables "
+            "(1,000 service users with 2 roles each, an allowed origin for one in ten, and the tokens "
+            "spread over them; digest = `gateway.tokens.digest(secret)`), then `ANALYZE`. Then "
+            "`Store.lookup_token(digest)` is timed directly (no identity cache, so every call is the "
+            "store's real read path: token ⋈ user by the digest index, then roles and origins) for "
+            "random existing digests and unknown ones, interleaved in random order, from one "
+            "process on uvloop. The database files/pages are warm in the OS page cache after the "
+            "fill; only the gateway's own cache is cold."
+        )
+        add("")
+        add(
+            "| store | fill s | rows/s | existing | p50 ms | p99 ms | mean ms "
+            "| unknown | p50 ms | p99 ms | mean ms | machine busy | this process |"
+        )
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for lk in results.lookups:
+            add(
+                f"| {lk.store} | {lk.fill.seconds:.1f} | {lk.fill.rows_per_s:,.0f} | {lk.known:,} "
+                f"| {lk.known_p50_ms:.2f} | {lk.known_p99_ms:.2f} | {lk.known_mean_ms:.2f} | {lk.unknown:,} "
+                f"| {lk.unknown_p50_ms:.2f} | {lk.unknown_p99_ms:.2f} | {lk.unknown_mean_ms:.2f} "
+                f"| {_pct(lk.machine_busy)} | {_pct(lk.own_cpu)} |"
+            )
+        for note in results.lookup_notes:
+            add(f"- {note}")
+        add("")
+    add("## Exact commands")
+    add("")
+    add(
+        "Paths are those of this run's work directory (`bench/work/run-*`, removed afterwards unless "
+        "`--keep`); `$TOKEN` stands for the secret the `token set` command printed. The configuration files "
+        "written there follow the commands."
+    )
+    add("")
+    add("```sh")
+    out.extend(results.commands)
+    add("```")
+    add("")
+    for name, content in results.configs.items():
+        add(f"<details><summary><code>{name}</code></summary>")
+        add("")
+        add("```")
+        out.extend(content.rstrip("\n").splitlines())
+        add("```")
+        add("")
+        add("</details>")
+        add("")
+    row = headline(results)
+    add("## History")
+    add("")
+    add("Headline numbers of earlier runs (newest first; (c) is the gateway on SQLite unless marked PG).")
+    add("")
+    add(HISTORY_HEADER)
+    add("|" + "---|" * HISTORY_HEADER.count(" | ") + "---|")
+    out.extend(_history(previous))
+    add("")
+    add(HEADLINE_MARK + row + " -->")
+    add("")
+    return "\n".join(out)
+
+
+def summary(results: Results) -> str:
+    """A few lines for the terminal."""
+    lines = ["", "Targets:"]
+    for target in targets(results):
+        lines.append(f"  {target.verdict:12} {target.what}: {target.measured}")
+    lines.append("")
+    lines.append("Headline: " + headline(results))
+    return "\n".join(lines)

@@ -1,0 +1,657 @@
+"""The gateway benchmark: throughput and latency, streaming, cold lookups; writes bench/RESULTS.md.
+
+Run it through `bash bench/run.sh [OPTIONS]` (which installs nginx-light and wrk); the
+options are those of `python -m bench.run --help`. Every process is started and
+stopped by PID, all traffic goes to 127.0.0.1, and every load run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import report
+from bench.load import StreamResult, WrkResult, run_curl_stream, run_wrk, shown
+from bench.lookups import LookupResult, measure
+from bench.procs import LOOPBACK, Processes, free_port, http_get, wait_until_quiet
+from bench.servers import (
+    BENCH_PATH,
+    REPO,
+    UPSTREAM_BODY,
+    GatewaySetup,
+    Server,
+    create_bench_token,
+    gateway_serve_argv,
+    start_bare_proxy,
+    start_gateway,
+    start_nginx_proxy,
+    start_nginx_upstream,
+    start_stream_upstream,
+    write_gateway_config,
+)
+
+SCENARIOS = ("throughput", "streaming", "lookups")
+DEFAULT_PG = os.environ.get("GATEWAY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# Cores: the load generator and the upstream share core 0; the server under test has core 1.
+LOAD_CPUS = "0"
+SUT_CPUS = "1"
+QUIET = 0.25  # machine CPU use (both cores) under which a measurement may start
+
+
+@dataclass
+class Options:
+    only: tuple[str, ...]
+    quick: bool
+    warmup: float
+    duration: float
+    c1_duration: float
+    connections: int
+    stream_bytes: int
+    lookup_tokens: int
+    pg_dsn: str
+    results: Path
+    keep: bool
+    settle: float
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(prog="bench/run.sh", description=__doc__)
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="SCENARIO",
+        help="run only these scenarios (throughput, streaming, lookups; repeat or comma-separate)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short runs: 1 s warm-up, 3 s runs, 200 MB, 100k tokens"
+    )
+    parser.add_argument("--duration", type=float, help="seconds per measured wrk run (default 10; quick 3)")
+    parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up (default 2; quick 1)")
+    parser.add_argument(
+        "--c1-duration", type=float, help="seconds of the 1-connection run (default 10; quick 3)"
+    )
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    parser.add_argument(
+        "--stream-bytes", type=int, help="bytes per streamed transfer (default 10^9; quick 2*10^8)"
+    )
+    parser.add_argument(
+        "--lookup-tokens", type=int, help="tokens in the lookup stores (default 10^6; quick 10^5)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        help="before each server's runs, wait up to this many seconds for the machine's CPU use "
+        "(other people's processes) to drop below 25%% (default 20; quick 5)",
+    )
+    parser.add_argument("--pg-dsn", default=DEFAULT_PG, help=f"PostgreSQL admin DSN (default {DEFAULT_PG})")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="where to write the report (default bench/RESULTS.md for a full run, "
+        "bench/work/RESULTS.partial.md for --quick or --only)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep bench/work/run-*/ (configs, logs, stores)")
+    args = parser.parse_args(argv)
+    only: list[str] = []
+    for value in args.only:
+        for part in value.split(","):
+            if part.strip() not in SCENARIOS:
+                parser.error(f"--only: unknown scenario {part!r} (choose from {', '.join(SCENARIOS)})")
+            only.append(part.strip())
+    selected = tuple(s for s in SCENARIOS if s in only) if only else SCENARIOS
+    quick = bool(args.quick)
+    partial = quick or bool(only)
+    results = args.results or (
+        REPO / "bench" / "work" / "RESULTS.partial.md" if partial else REPO / "bench" / "RESULTS.md"
+    )
+    return Options(
+        only=selected,
+        quick=quick,
+        warmup=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
+        duration=args.duration if args.duration is not None else (3.0 if quick else 10.0),
+        c1_duration=args.c1_duration if args.c1_duration is not None else (3.0 if quick else 10.0),
+        connections=args.connections,
+        stream_bytes=args.stream_bytes or (200_000_000 if quick else 1_000_000_000),
+        lookup_tokens=args.lookup_tokens or (100_000 if quick else 1_000_000),
+        pg_dsn=args.pg_dsn,
+        results=results,
+        keep=bool(args.keep),
+        settle=args.settle if args.settle is not None else (5.0 if quick else 20.0),
+    )
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- PostgreSQL databases of this run ------------------------------------------------
+
+
+class PgDatabases:
+    """Fresh `gw_bench_<random>` databases on the PostgreSQL server; all dropped by `drop_all`."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.created: list[str] = []
+        self.error: str | None = None
+
+    def available(self) -> bool:
+        async def probe() -> None:
+            connection = await asyncpg.connect(self.dsn, timeout=5)
+            await connection.close()
+
+        try:
+            asyncio.run(probe())
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            self.error = f"{exc.__class__.__name__}: {exc}"
+            return False
+        return True
+
+    def create(self, suffix: str = "") -> str:
+        """Create a database; return its SQLAlchemy URL (postgresql+asyncpg://…)."""
+        name = f"gw_bench_{secrets.token_hex(4)}{suffix}"
+
+        async def run() -> None:
+            connection = await asyncpg.connect(self.dsn, timeout=5)
+            try:
+                await connection.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await connection.close()
+
+        asyncio.run(run())
+        self.created.append(name)
+        base = self.dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+        return f"{base}/{name}"
+
+    def drop_all(self) -> None:
+        async def run(names: list[str]) -> None:
+            connection = await asyncpg.connect(self.dsn, timeout=5)
+            try:
+                for name in names:
+                    await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await connection.close()
+
+        if self.created:
+            names, self.created = self.created, []
+            try:
+                asyncio.run(run(names))
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                log(f"could not drop {', '.join(names)}: {exc}")
+            else:
+                log(f"dropped PostgreSQL database(s) {', '.join(names)}")
+
+
+# -- results -------------------------------------------------------------------------
+
+
+@dataclass
+class ServerRun:
+    """The measurements of one server: warm-up, N connections, 1 connection."""
+
+    key: str
+    label: str
+    c50: WrkResult | None = None
+    c1: WrkResult | None = None
+    note: str = ""
+
+
+@dataclass
+class Results:
+    options: Options
+    facts: dict[str, str] = field(default_factory=dict)
+    runs: dict[str, ServerRun] = field(default_factory=dict)
+    workers2: str = "not run"
+    workers2_run: WrkResult | None = None
+    streams: list[tuple[str, StreamResult]] = field(default_factory=list)
+    stream_note: str = ""
+    lookups: list[LookupResult] = field(default_factory=list)
+    lookup_notes: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    configs: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    elapsed_s: float = 0.0
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        self.work = REPO / "bench" / "work" / f"run-{stamp}"
+        self.work.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        # The code measured is this checkout's, whatever copy may be installed.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        self.env = env
+        self.procs = Processes(self.work, env)
+        self.pg = PgDatabases(options.pg_dsn)
+        self.results = Results(options)
+        self.upstream_port = free_port()
+        self.stream_port = free_port()
+        self.setups: dict[str, GatewaySetup | None] = {}
+        self.pg_ok: bool | None = None
+
+    # -- helpers
+
+    def command(self, text: str) -> None:
+        if text not in self.results.commands:
+            self.results.commands.append(text)
+
+    def postgres_ok(self) -> bool:
+        if self.pg_ok is None:
+            self.pg_ok = self.pg.available()
+            if not self.pg_ok:
+                self.results.notes.append(f"PostgreSQL at {self.options.pg_dsn} unreachable: {self.pg.error}")
+                log(f"PostgreSQL unreachable ({self.pg.error}); its measurements are skipped")
+        return self.pg_ok
+
+    def setup(self, store: str) -> GatewaySetup | None:
+        """The gateway config for `store` (sqlite|postgresql), with user `bench` and its token."""
+        if store not in self.setups:
+            if store == "sqlite":
+                url = f"sqlite+aiosqlite:///{self.work / 'gw-sqlite' / 'gateway.db'}"
+            elif self.postgres_ok():
+                url = self.pg.create()
+            else:
+                self.setups[store] = None
+                return None
+            setup = write_gateway_config(
+                self.work / f"gw-{store}",
+                url,
+                f"http://{LOOPBACK}:{self.upstream_port}",
+                f"http://{LOOPBACK}:{self.stream_port}",
+            )
+            create_bench_token(setup, self.env)
+            for text in setup.commands:
+                self.command(text)
+            log(f"gateway config for {store}: {setup.config} (store {url.split('@')[-1]})")
+            self.setups[store] = setup
+            self.results.configs[f"gw-{store}/gateway.yaml"] = setup.config.read_text()
+            policy = setup.directory / "policies" / "bench.yaml"
+            self.results.configs.setdefault("gw-*/policies/bench.yaml", policy.read_text())
+        return self.setups[store]
+
+    def sanity(self, server_url: str, token: str, expect_user: bool) -> None:
+        """One request before the load: 200, the 98-byte body, and (through a proxy) the identity."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        status, response_headers, body = http_get(server_url + BENCH_PATH, headers)
+        if status != 200 or body != UPSTREAM_BODY.encode():
+            raise RuntimeError(f"sanity check of {server_url}: HTTP {status}, body {body[:200]!r}")
+        seen = {k.lower(): v for k, v in response_headers.items()}.get("x-seen-user")
+        if expect_user and seen != "bench":
+            raise RuntimeError(f"sanity check of {server_url}: the upstream saw X-Service-User {seen!r}")
+
+    def measure_server(self, run: ServerRun, server: Server, pid: int, token: str) -> None:
+        options = self.options
+        url = server.url + BENCH_PATH
+        sut_core = None if run.key == "direct" else int(SUT_CPUS)
+        waited, busy = wait_until_quiet(QUIET, options.settle)
+        settle = f"waited {waited:.0f} s for a quiet machine; CPU use then {busy * 100:.0f} %"
+        log(f"{run.label}: {settle}")
+        log(f"{run.label}: warm-up {options.warmup:g}s")
+        run_wrk(url, connections=options.connections, duration=options.warmup, token=token, cpus=LOAD_CPUS)
+        log(f"{run.label}: {options.connections} connections, {options.duration:g}s")
+        run.c50 = run_wrk(
+            url,
+            connections=options.connections,
+            duration=options.duration,
+            token=token,
+            cpus=LOAD_CPUS,
+            server_pid=pid,
+            sut_core=sut_core,
+        )
+        run.c50.settle = settle
+        log(
+            f"{run.label}: {run.c50.rps:,.0f} req/s, p50 {run.c50.lat_p50_ms:.2f} ms, "
+            f"p99 {run.c50.lat_p99_ms:.2f} ms, CPU {run.c50.cpu_us_per_req or 0:.0f} µs/req"
+        )
+        log(f"{run.label}: 1 connection, {options.c1_duration:g}s")
+        run.c1 = run_wrk(
+            url,
+            connections=1,
+            duration=options.c1_duration,
+            token=token,
+            cpus=LOAD_CPUS,
+            server_pid=pid,
+            sut_core=sut_core,
+        )
+        log(f"{run.label}: 1 connection mean {run.c1.lat_mean_ms * 1000:.0f} µs, {run.c1.rps:,.0f} req/s")
+        self.command(run.c50.command)
+        self.command(run.c1.command)
+
+    # -- scenarios
+
+    def throughput(self) -> None:
+        results = self.results
+        upstream = start_nginx_upstream(self.procs, self.work, LOAD_CPUS, self.upstream_port)
+        self.command(upstream.proc.command)
+        self.results.configs["nginx-upstream.conf"] = (self.work / "nginx-upstream.conf").read_text()
+        self.sanity(upstream.url, "", expect_user=False)
+
+        direct = ServerRun("direct", "(a) upstream direct", note="nginx upstream; shares core 0 with wrk")
+        results.runs[direct.key] = direct
+        self.measure_server(direct, upstream, upstream.proc.pid, token="")
+
+        proxy_run = ServerRun("nginx", "(b) nginx reverse proxy")
+        results.runs[proxy_run.key] = proxy_run
+        proxy = start_nginx_proxy(self.procs, self.work, SUT_CPUS, self.upstream_port)
+        self.command(proxy.proc.command)
+        self.results.configs["nginx-proxy.conf"] = (self.work / "nginx-proxy.conf").read_text()
+        try:
+            self.sanity(proxy.url, "", expect_user=False)
+            self.measure_server(proxy_run, proxy, proxy.proc.pid, token="")
+        finally:
+            self.procs.stop(proxy.proc)
+
+        for store, key in (("sqlite", "gw-sqlite"), ("postgresql", "gw-pg")):
+            run = ServerRun(key, f"(c) gateway, {'SQLite' if store == 'sqlite' else 'PostgreSQL'} store")
+            results.runs[key] = run
+            setup = self.setup(store)
+            if setup is None:
+                run.note = "not measured: PostgreSQL unreachable"
+                continue
+            gateway = start_gateway(self.procs, setup, SUT_CPUS, key)
+            self.command(shown(gateway.proc.argv, setup.token) + f"  2> {gateway.proc.log_path.name}")
+            try:
+                self.sanity(gateway.url, setup.token, expect_user=True)
+                self.measure_server(run, gateway, gateway.proc.pid, setup.token)
+            finally:
+                self.procs.stop(gateway.proc)
+
+        sqlite_setup = self.setup("sqlite")
+        assert sqlite_setup is not None
+        bare_run = ServerRun("bare", "(d) bare aiohttp proxy")
+        results.runs[bare_run.key] = bare_run
+        bare = start_bare_proxy(
+            self.procs, SUT_CPUS, f"http://{LOOPBACK}:{self.upstream_port}", sqlite_setup.token
+        )
+        self.command(f"BENCH_BARE_TOKENS=$TOKEN=bench {bare.proc.command}")
+        try:
+            self.sanity(bare.url, sqlite_setup.token, expect_user=True)
+            self.measure_server(bare_run, bare, bare.proc.pid, sqlite_setup.token)
+        finally:
+            self.procs.stop(bare.proc)
+
+        self.workers(sqlite_setup)
+        self.procs.stop(upstream.proc)
+
+    def workers(self, setup: GatewaySetup) -> None:
+        """`gateway serve --workers 2`: measured (both cores) when it starts, else 'not available'."""
+        results = self.results
+        argv = gateway_serve_argv(setup, workers=2)
+        self.command(shown(argv, setup.token))
+        proc = self.procs.start("gw-workers2", argv, cwd=REPO)
+        deadline = time.monotonic() + 30
+        ready = False
+        while time.monotonic() < deadline and proc.alive():
+            status, _, _ = _try_get(f"http://{LOOPBACK}:{setup.admin_port}/readyz")
+            if status == 200:
+                ready = True
+                break
+            time.sleep(0.2)
+        if not ready:
+            self.procs.stop(proc)
+            reason = " ".join(proc.log_tail(3).split())[:300] or f"exit code {proc.popen.returncode}"
+            results.workers2 = f"not available (`gateway serve --workers 2` failed: {reason})"
+            log(f"--workers 2: {results.workers2}")
+            return
+        try:
+            self.sanity(f"http://{LOOPBACK}:{setup.proxy_port}", setup.token, expect_user=True)
+            url = f"http://{LOOPBACK}:{setup.proxy_port}{BENCH_PATH}"
+            options = self.options
+            wait_until_quiet(QUIET, options.settle)
+            run_wrk(url, connections=options.connections, duration=options.warmup, token=setup.token)
+            result = run_wrk(
+                url,
+                connections=options.connections,
+                duration=options.duration,
+                token=setup.token,
+                cpus=LOAD_CPUS,
+                server_pid=proc.pid,
+            )
+            results.workers2_run = result
+            results.workers2 = (
+                "measured unpinned (the workers may use both cores, so they share core 0 with wrk and "
+                "the upstream); CPU µs/req is that of the whole process tree"
+            )
+            log(f"--workers 2: {result.rps:,.0f} req/s, p99 {result.lat_p99_ms:.2f} ms")
+        finally:
+            self.procs.stop(proc)
+
+    def streaming(self) -> None:
+        results = self.results
+        options = self.options
+        setup = self.setup("sqlite")
+        assert setup is not None
+        upstream = start_stream_upstream(self.procs, LOAD_CPUS, self.stream_port)
+        self.command(upstream.proc.command)
+        gateway = start_gateway(self.procs, setup, SUT_CPUS, "gw-stream")
+        self.command(shown(gateway.proc.argv, setup.token) + f"  2> {gateway.proc.log_path.name}")
+        upload_file = self.work / "upload.bin"
+        with upload_file.open("wb") as handle:
+            handle.truncate(options.stream_bytes)  # sparse: reading it costs no disk I/O
+        try:
+            size = options.stream_bytes
+            # Direct, the client takes core 1 (free then), so that client and upstream do not
+            # share a core: the rows show what they can do without the gateway in between.
+            for label, base, pid, core, client_cpus in (
+                ("direct (no gateway)", upstream.url, upstream.proc.pid, None, SUT_CPUS),
+                ("through the gateway", gateway.url, gateway.proc.pid, int(SUT_CPUS), LOAD_CPUS),
+            ):
+                for direction in ("download", "upload"):
+                    wait_until_quiet(QUIET, self.options.settle)
+                    url = f"{base}/stream/{direction}"
+                    if direction == "download":
+                        url += f"?bytes={size}"
+                    log(f"streaming {direction} of {size / 1e6:,.0f} MB {label}")
+                    result = run_curl_stream(
+                        direction,
+                        url,
+                        token=setup.token,
+                        size=size,
+                        gateway_pid=pid,
+                        cpus=client_cpus,
+                        upload_file=upload_file if direction == "upload" else None,
+                        sut_core=core,
+                    )
+                    results.streams.append((label, result))
+                    self.command(result.command)
+                    log(
+                        f"  {result.mb_per_s:,.0f} MB/s, peak RSS {result.peak_rss_mb:.1f} MB "
+                        f"(baseline {result.baseline_rss_mb:.1f} MB)"
+                    )
+        finally:
+            upload_file.unlink(missing_ok=True)
+            self.procs.stop(gateway.proc)
+            self.procs.stop(upstream.proc)
+
+    def lookups(self) -> None:
+        results = self.results
+        count = self.options.lookup_tokens
+        stores: list[tuple[str, str]] = [("SQLite", f"sqlite+aiosqlite:///{self.work / 'lookups.db'}")]
+        if self.postgres_ok():
+            stores.append(("PostgreSQL", self.pg.create("_lookups")))
+        else:
+            results.lookup_notes.append("PostgreSQL: not measured (unreachable)")
+        for label, url in stores:
+            log(f"lookups on {label}: filling {count:,} tokens")
+            result = _run_async(
+                measure(url, label, count, before_timing=lambda: wait_until_quiet(QUIET, self.options.settle))
+            )
+            results.lookups.append(result)
+            log(
+                f"  filled in {result.fill.seconds:.1f}s; known p50 {result.known_p50_ms:.2f} ms "
+                f"p99 {result.known_p99_ms:.2f} ms; unknown p50 {result.unknown_p50_ms:.2f} ms "
+                f"p99 {result.unknown_p99_ms:.2f} ms"
+            )
+        (self.work / "lookups.db").unlink(missing_ok=True)
+
+    def run(self) -> Results:
+        self.results.facts = facts(self.options)
+        log(f"work directory {self.work}")
+        scenarios: dict[str, Callable[[], None]] = {
+            "throughput": self.throughput,
+            "streaming": self.streaming,
+            "lookups": self.lookups,
+        }
+        for name in self.options.only:
+            load_before = _loadavg()
+            scenarios[name]()
+            self.results.notes.append(f"{name}: load average {load_before} before, {_loadavg()} after")
+        self.results.elapsed_s = time.monotonic() - self.results.started
+        return self.results
+
+    def close(self, ok: bool) -> None:
+        self.procs.stop_all()
+        self.pg.drop_all()
+        if ok and not self.options.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+        else:
+            log(f"kept {self.work}")
+
+
+def _try_get(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        return http_get(url, timeout=1)
+    except OSError:
+        return 0, {}, b""
+
+
+def _run_async(coroutine: Any) -> Any:
+    """Run `coroutine` on uvloop when installed (the loop `gateway serve` uses)."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.run(coroutine)
+    return asyncio.run(coroutine)
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0].strip() if text else "?"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def facts(options: Options) -> dict[str, str]:
+    """Date and machine facts for the report."""
+    git = ["git", "-C", str(REPO)]
+    commit = _version([*git, "rev-parse", "HEAD"])
+    dirty = _version([*git, "status", "--porcelain", "--untracked-files=no"])
+    dirty_note = "" if dirty in ("", "?") else " (with uncommitted changes)"
+
+    async def pg_version() -> str:
+        connection = await asyncpg.connect(options.pg_dsn, timeout=5)
+        try:
+            return str(await connection.fetchval("SHOW server_version"))
+        finally:
+            await connection.close()
+
+    try:
+        postgres = asyncio.run(pg_version())
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        postgres = f"unreachable ({exc.__class__.__name__})"
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "git commit": commit + dirty_note,
+        "nproc": str(os.cpu_count()),
+        "CPU model": _cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": _package_version("aiohttp"),
+        "uvloop": _package_version("uvloop"),
+        "SQLAlchemy": _package_version("sqlalchemy"),
+        "asyncpg / aiosqlite": f"{_package_version('asyncpg')} / {_package_version('aiosqlite')}",
+        "nginx": _version(["nginx", "-v"]),
+        "wrk": _version(["wrk", "-v"]).split(" Copyright")[0],
+        "curl": _version(["curl", "--version"]).split(" (")[0],
+        "PostgreSQL server": postgres,
+        "load average at start": _loadavg(),
+    }
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM/SIGHUP end the run through the normal `finally` cleanup."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    if (os.cpu_count() or 1) < 2:
+        print("bench: needs 2 cores (load on core 0, the server under test on core 1)", file=sys.stderr)
+        return 2
+    for tool in ("nginx", "wrk", "taskset", "curl"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (bench/run.sh installs it)", file=sys.stderr)
+            return 2
+    bench = Bench(options)
+    ok = False
+    with _terminate_as_exit():
+        try:
+            results = bench.run()
+            ok = True
+        finally:
+            bench.close(ok)
+    text = report.render(results, previous=options.results)
+    options.results.parent.mkdir(parents=True, exist_ok=True)
+    options.results.write_text(text)
+    log(f"wrote {options.results} ({results.elapsed_s:.0f}s)")
+    print(report.summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

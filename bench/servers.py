@@ -1,0 +1,281 @@
+"""The servers a run measures or needs: nginx (upstream and plain proxy), the gateway, the bare proxy.
+
+Each `start_*` function writes its own config into the run's work directory, starts the
+process through `Processes` (pinned with taskset), waits until it answers, and returns it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import LOOPBACK, Proc, Processes, free_port, wait_http_ok, wait_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The upstream's fixed answer: 98 bytes of JSON.
+UPSTREAM_BODY = (
+    '{"ok":true,"service":"bench-upstream","items":[1,2,3],"note":"a fixed body for the gateway bench"}'
+)
+assert len(UPSTREAM_BODY.encode()) == 98, len(UPSTREAM_BODY.encode())
+
+BENCH_PATH = "/bench/item"
+ROLE = "bench-reader"
+
+
+@dataclass
+class Server:
+    """A started server: its process and the base URL to send load to."""
+
+    proc: Proc
+    port: int
+    label: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def _nginx_conf(work: Path, name: str, http_body: str) -> Path:
+    """An nginx config: one process (no master, no daemon), no access log, temp paths in `work`."""
+    temp = work / f"nginx-{name}-temp"
+    temp.mkdir(exist_ok=True)
+    main = textwrap.dedent(
+        f"""\
+        daemon off;
+        master_process off;
+        worker_processes 1;
+        pid {work}/nginx-{name}.pid;
+        error_log {work}/nginx-{name}.error.log warn;
+        events {{ worker_connections 4096; }}
+        """
+    )
+    http_common = textwrap.dedent(
+        f"""\
+        access_log off;
+        client_body_temp_path {temp}/body;
+        proxy_temp_path {temp}/proxy;
+        fastcgi_temp_path {temp}/fastcgi;
+        uwsgi_temp_path {temp}/uwsgi;
+        scgi_temp_path {temp}/scgi;
+        keepalive_requests 1000000;
+        keepalive_timeout 75s;
+        """
+    )
+    conf = work / f"nginx-{name}.conf"
+    conf.write_text(
+        main
+        + "http {\n"
+        + textwrap.indent(http_common, "    ")
+        + textwrap.indent(textwrap.dedent(http_body), "    ")
+        + "}\n"
+    )
+    return conf
+
+
+def nginx_argv(work: Path, conf: Path) -> list[str]:
+    return ["nginx", "-p", str(work), "-e", str(work / f"{conf.stem}.error.log"), "-c", str(conf)]
+
+
+def start_nginx_upstream(procs: Processes, work: Path, cpus: str, port: int) -> Server:
+    """nginx answering every request with the fixed 98-byte JSON body.
+
+    It echoes the X-Service-User it received as X-Seen-User (absent when empty), so a
+    sanity check can see that the proxies under test attached the identity.
+    """
+    body = UPSTREAM_BODY.replace("'", "\\'")
+    conf = _nginx_conf(
+        work,
+        "upstream",
+        f"""\
+        server {{
+            listen {LOOPBACK}:{port};
+            location / {{
+                default_type application/json;
+                add_header X-Seen-User $http_x_service_user;
+                return 200 '{body}';
+            }}
+        }}
+        """,
+    )
+    proc = procs.start("nginx-upstream", nginx_argv(work, conf), cpus=cpus)
+    wait_port(port, proc)
+    return Server(proc, port, "nginx upstream")
+
+
+def start_nginx_proxy(procs: Processes, work: Path, cpus: str, upstream_port: int) -> Server:
+    """nginx as a plain reverse proxy (keep-alive pool to the upstream), no auth."""
+    port = free_port()
+    conf = _nginx_conf(
+        work,
+        "proxy",
+        f"""\
+        upstream bench_upstream {{
+            server {LOOPBACK}:{upstream_port};
+            keepalive 64;
+            keepalive_requests 1000000;
+        }}
+        server {{
+            listen {LOOPBACK}:{port};
+            location / {{
+                proxy_pass http://bench_upstream;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+            }}
+        }}
+        """,
+    )
+    proc = procs.start("nginx-proxy", nginx_argv(work, conf), cpus=cpus)
+    wait_port(port, proc)
+    return Server(proc, port, "nginx proxy")
+
+
+def start_bare_proxy(
+    procs: Processes, cpus: str, upstream_url: str, token: str, user: str = "bench"
+) -> Server:
+    """bench/bare_proxy.py: dict of tokens, no policy, no logging, streamed responses."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.bare_proxy",
+        "--listen",
+        f"{LOOPBACK}:{port}",
+        "--upstream",
+        upstream_url,
+    ]
+    # The token is passed in the environment, not on the command line (visible in ps).
+    procs.env["BENCH_BARE_TOKENS"] = f"{token}={user}"
+    try:
+        proc = procs.start("bare-proxy", argv, cpus=cpus, cwd=REPO)
+    finally:
+        del procs.env["BENCH_BARE_TOKENS"]
+    wait_port(port, proc)
+    return Server(proc, port, "bare aiohttp proxy")
+
+
+def start_stream_upstream(procs: Processes, cpus: str, port: int) -> Server:
+    """bench/stream_upstream.py: streams N bytes / consumes the request body."""
+    argv = [sys.executable, "-m", "bench.stream_upstream", "--listen", f"{LOOPBACK}:{port}"]
+    proc = procs.start("stream-upstream", argv, cpus=cpus, cwd=REPO)
+    wait_port(port, proc)
+    return Server(proc, port, "streaming upstream")
+
+
+# -- the gateway ---------------------------------------------------------------------
+
+POLICY = f"""\
+roles:
+  service-user-project-admin:
+    description: Every permission
+    permissions: ["*"]
+  {ROLE}:
+    description: What the bench's service user may do
+    permissions: ["bench:read", "bench:write"]
+routes:
+  bench:
+    rules:
+      - methods: [GET, HEAD]
+        paths: ["/bench/**"]
+        require: "bench:read"
+  stream:
+    rules:
+      - methods: [GET, HEAD]
+        paths: ["/stream/**"]
+        require: "bench:read"
+      - methods: [POST, PUT]
+        paths: ["/stream/**"]
+        require: "bench:write"
+"""
+
+
+@dataclass
+class GatewaySetup:
+    """A gateway config directory with its store prepared and a real token in it."""
+
+    directory: Path
+    config: Path
+    store_url: str
+    token: str
+    proxy_port: int
+    admin_port: int
+    commands: list[str]
+
+
+def write_gateway_config(
+    directory: Path, store_url: str, bench_upstream: str, stream_upstream: str
+) -> GatewaySetup:
+    """gateway.yaml (routes `bench` and `stream`, log_level info) and policies/bench.yaml."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "policies").mkdir(exist_ok=True)
+    (directory / "policies" / "bench.yaml").write_text(POLICY)
+    proxy_port, admin_port = free_port(), free_port()
+    config = directory / "gateway.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            listeners:
+              proxy: "{LOOPBACK}:{proxy_port}"
+              admin: "{LOOPBACK}:{admin_port}"
+            store:
+              url: "{store_url}"
+            policies: policies/
+            log_level: info
+            routes:
+              - name: bench
+                prefix: /bench
+                upstream: "{bench_upstream}"
+              - name: stream
+                prefix: /stream
+                upstream: "{stream_upstream}"
+                timeout: 60
+                max_body: 2147483648
+            """
+        )
+    )
+    return GatewaySetup(directory, config, store_url, "", proxy_port, admin_port, [])
+
+
+def gateway_cli(setup: GatewaySetup, env: dict[str, str], *args: str) -> str:
+    """Run `python -m gateway --config CONFIG ARGS…` to completion; return its stdout."""
+    argv = [sys.executable, "-m", "gateway", "--config", str(setup.config), *args]
+    setup.commands.append(" ".join(["python -m gateway --config", str(setup.config), *args]))
+    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def create_bench_token(setup: GatewaySetup, env: dict[str, str]) -> str:
+    """Create service user `bench` (role bench-reader) and its token `t`; return the secret."""
+    gateway_cli(setup, env, "user", "create", "bench", "--roles", ROLE, "--description", "benchmark")
+    out = gateway_cli(setup, env, "token", "set", "t", "--user", "bench")
+    found = re.search(r"^Access token: (gw_\S+)$", out, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no 'Access token:' line in the output of token set:\n{out}")
+    setup.token = found.group(1)
+    return setup.token
+
+
+def gateway_serve_argv(setup: GatewaySetup, workers: int | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "gateway", "--config", str(setup.config), "serve"]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    return argv
+
+
+def start_gateway(
+    procs: Processes, setup: GatewaySetup, cpus: str, name: str, workers: int | None = None
+) -> Server:
+    """`python -m gateway --config CONFIG serve` pinned to `cpus`; stderr (the JSON log) to a file."""
+    proc = procs.start(name, gateway_serve_argv(setup, workers), cpus=cpus, cwd=REPO)
+    wait_http_ok(f"http://{LOOPBACK}:{setup.admin_port}/readyz", proc, timeout=60)
+    return Server(proc, setup.proxy_port, name)
