@@ -20,7 +20,7 @@ from gateway.config import Config, load_config
 from gateway.cors import OriginIndex, RouteCors
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.headers import HeaderPolicy
-from gateway.logs import install_redaction
+from gateway.logs import flush_access_log, install_redaction
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, Settings
 from gateway.policy import load_route_table
@@ -30,7 +30,7 @@ from gateway.store import Change, Store, open_store
 
 log = logging.getLogger("gateway.app")
 
-_LAST_USED_FLUSH_SECONDS = 15.0
+_LAST_USED_FLUSH_SECONDS = 15
 
 
 def build_settings(config: Config) -> Settings:
@@ -122,14 +122,18 @@ class Gateway:
         await gateway.origins.refresh(store)
         gateway._tasks = [
             asyncio.create_task(gateway.feed.run(), name="change-feed"),
-            asyncio.create_task(gateway._flush_last_used(), name="last-used"),
+            asyncio.create_task(gateway._housekeeping(), name="last-used"),
         ]
         return gateway
 
-    async def _flush_last_used(self) -> None:
+    async def _housekeeping(self) -> None:
+        ticks = 0
         while True:
-            await asyncio.sleep(_LAST_USED_FLUSH_SECONDS)
-            await self._flush_once()
+            await asyncio.sleep(1.0)
+            flush_access_log()
+            ticks += 1
+            if ticks % _LAST_USED_FLUSH_SECONDS == 0:
+                await self._flush_once()
 
     async def _flush_once(self) -> None:
         try:
@@ -168,6 +172,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._flush_once()
+        flush_access_log()
         await self.pools.close()
         await self.store.close()
 

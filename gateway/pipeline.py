@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from gateway.auth import Authenticator
 from gateway.config import Config
@@ -37,14 +38,13 @@ from gateway.errors import (
     RouteNotFound,
 )
 from gateway.headers import HeaderPolicy, comma_join, request_id_from
-from gateway.logs import ACCESS_LOGGER
+from gateway.logs import write_access
 from gateway.metrics import Metrics
 from gateway.paths import canonicalize, split_target
 from gateway.policy import RoutePolicy, RouteTable, Rule
 from gateway.proxy import Forwarder, Outcome
 from gateway.store import Principal
 
-access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger("gateway.pipeline")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -75,6 +75,8 @@ class Pipeline:
         self._authenticator = authenticator
         self._forwarder = forwarder
         self._metrics = metrics
+        # labels() is a lock and a dict walk; the children are looked up once per (route, status).
+        self._request_counters: dict[tuple[str | None, int], Counter] = {}
         self._origins = origins
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -188,7 +190,11 @@ class Pipeline:
     ) -> None:
         route_name = route.config.name if route is not None else None
         metrics = self._metrics
-        metrics.requests.labels(route_name or "", str(status)).inc()
+        counter = self._request_counters.get((route_name, status))
+        if counter is None:
+            counter = metrics.requests.labels(route_name or "", str(status))
+            self._request_counters[(route_name, status)] = counter
+        counter.inc()
         if error is not None:
             metrics.refusals.labels(error.value).inc()
         if outcome.upstream_seconds is not None and route_name is not None:
@@ -197,10 +203,7 @@ class Pipeline:
         if outcome.client_gone:
             code = "client_disconnected"
         level = logging.ERROR if status >= 500 or outcome.error else logging.INFO
-        if not access_log.isEnabledFor(level):
-            return
-        # The message is the dict itself: logs.AccessFormatter dumps it in one call.
-        access_log.log(
+        write_access(
             level,
             {
                 "request_id": request_id,

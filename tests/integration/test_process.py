@@ -72,8 +72,12 @@ async def test_request_log_lines_and_no_secret_anywhere(running: tuple[GatewayPr
             assert bad.status == 401
         async with session.get(f"{process.proxy}/nowhere") as missing:
             assert missing.status == 404
-    await asyncio.sleep(0.2)
-    lines = [line for line in log_lines(process) if line.get("message") == "request"]
+    lines: list[dict[str, object]] = []
+    for _ in range(40):  # request lines are written in blocks, at least every second
+        lines = [line for line in log_lines(process) if line.get("message") == "request"]
+        if len(lines) >= 3:
+            break
+        await asyncio.sleep(0.1)
     by_id = {line["request_id"]: line for line in lines}
     granted = by_id[request_id]
     assert granted["method"] == "GET" and granted["path"] == "/echo/a"
