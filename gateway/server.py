@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -59,6 +60,9 @@ async def run_worker(
 ) -> None:
     """Serve on the given sockets until SIGINT/SIGTERM; SIGHUP reloads routes and policies."""
     gateway = await Gateway.open(config)
+    # Everything built so far lives for the whole process: keep it out of every GC pass.
+    gc.collect()
+    gc.freeze()
     runners: list[web.AppRunner] = []
     try:
         sites = [(build_proxy_app(gateway), proxy)]
