@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -188,13 +187,3 @@ def build_proxy_app(gateway: Gateway) -> web.Application:
     app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
     app.router.add_route("*", "/{tail:.*}", gateway.pipeline.handle, expect_handler=_no_automatic_continue)
     return app
-
-
-@contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Gateway]:
-    """A started Gateway for tests and embedding; closed on exit."""
-    gateway = await Gateway.open(config)
-    try:
-        yield gateway
-    finally:
-        await gateway.close()

@@ -66,13 +66,6 @@ class TokenCache:
         for digest in self._by_user.pop(user, ()):
             self._known.pop(digest, None)
 
-    def evict_all(self) -> None:
-        """Forget everything (the change feed lost track, e.g. after an outage)."""
-        self.generation += 1
-        self._known.clear()
-        self._unknown.clear()
-        self._by_user.clear()
-
     def __len__(self) -> int:
         return len(self._known)
 

@@ -1,4 +1,4 @@
-"""Logging: one JSON object per line, the `Secret` type, and redaction of aiohttp's parser errors.
+"""Logging: one JSON object per line, the buffered request log, and redaction of aiohttp parser errors.
 
 Imports: stdlib and python-json-logger only.
 
@@ -19,25 +19,6 @@ from typing import Final
 from pythonjsonlogger.json import JsonFormatter
 
 ACCESS_LOGGER: Final = "gateway.access"
-
-
-class Secret:
-    """A string that prints as `***` (repr and str); read it with `.reveal()`."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself; never log the result."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    def __str__(self) -> str:
-        return "***"
 
 
 class ParserErrorRedactor(logging.Filter):
