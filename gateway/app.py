@@ -23,9 +23,10 @@ from gateway.logs import flush_access_log, install_redaction
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, Settings
 from gateway.policy import load_route_table
-from gateway.proxy import Forwarder, UpstreamPools
+from gateway.proxy import Forwarder
 from gateway.services import Directory
 from gateway.store import Change, Store, open_store
+from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway.app")
 
@@ -57,11 +58,11 @@ class Gateway:
         self.last_used = LastUsed()
         self.feed = ChangeFeed(store, self.cache, outage_grace=config.cache.outage_grace)
         self.authenticator = Authenticator(store, self.cache, self.last_used, store_trusted=self.feed.trusted)
-        self.pools = UpstreamPools()
+        self.upstreams = UpstreamClient()
         self.metrics = Metrics()
         self.origins = OriginIndex()
         self.pipeline = Pipeline(
-            settings, self.authenticator, Forwarder(self.pools), self.metrics, self.origins
+            settings, self.authenticator, Forwarder(self.upstreams), self.metrics, self.origins
         )
         self.feed.subscribe(self._on_changes)
         self.directory = Directory(store, lambda: self.pipeline.settings.table.role_names())
@@ -162,7 +163,7 @@ class Gateway:
         return True
 
     async def close(self) -> None:
-        """Stop background work, flush last use, close pools and the store."""
+        """Stop background work, flush last use, close upstream connections and the store."""
         if self._origin_refresh is not None:
             self._tasks.append(self._origin_refresh)
         for task in self._tasks:
@@ -172,7 +173,7 @@ class Gateway:
                 await task
         await self._flush_once()
         flush_access_log()
-        await self.pools.close()
+        await self.upstreams.close()
         await self.store.close()
 
 

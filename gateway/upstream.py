@@ -1,0 +1,405 @@
+"""A lean HTTP/1.1 client for the upstreams: pooled keep-alive connections driven directly.
+
+Imports: errors, aiohttp's protocol layer (ResponseHandler: the C response parser, flow
+control and read timeouts its own client uses).
+
+Why not aiohttp.ClientSession: a proxy already holds a finished header set and an encoded
+target, so the session's per-request work (URL and header objects, default headers,
+cookie jar, tracing, timeout contexts, the ClientRequest/ClientResponse pair) is pure
+cost; it was about half of a bare aiohttp proxy's CPU. Here one request is one head
+write on a pooled connection and one parsed response; bodies stream both ways with
+back-pressure. bench/RESULTS.md has the before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from aiohttp import ClientError, ServerDisconnectedError
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import RawResponseMessage
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDictProxy
+
+from gateway.errors import BadRequest, PayloadTooLarge, UpstreamError, UpstreamTimeout
+
+_READ_BUFSIZE = 256 * 1024
+_KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# aiohttp's client sent Content-Length: 0 for these when there is no body; some upstreams want it.
+_LENGTH_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where an upstream URL points: address, TLS, and what goes into Host and the target."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: str
+    base_path: str
+
+    @classmethod
+    def parse(cls, upstream: str) -> Endpoint:
+        """An Endpoint from a validated `http(s)://host[:port][/base]` URL."""
+        parts = urlsplit(upstream)
+        tls = parts.scheme == "https"
+        host = parts.hostname or ""
+        return cls(
+            host=host,
+            port=parts.port or (443 if tls else 80),
+            tls=tls,
+            host_header=parts.netloc,
+            base_path=parts.path,
+        )
+
+
+class UpstreamResponse:
+    """The status line and headers of an upstream answer; `content` streams its body."""
+
+    __slots__ = ("status", "reason", "headers", "content", "_protocol", "_pool", "_writer", "_done")
+
+    def __init__(
+        self,
+        message: RawResponseMessage,
+        content: StreamReader,
+        protocol: ResponseHandler,
+        pool: ConnectionPool,
+        writer: asyncio.Task[None] | None,
+    ) -> None:
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.content = content
+        self._protocol = protocol
+        self._pool = pool
+        self._writer = writer
+        self._done = False
+
+    def release(self) -> None:
+        """Give the connection back: to the pool when the exchange finished cleanly, else closed."""
+        if self._done:
+            return
+        self._done = True
+        writer = self._writer
+        reusable = self.content.is_eof() and (writer is None or writer.done())
+        if writer is not None and not writer.done():
+            writer.cancel()
+        self._pool.release(self._protocol, reusable=reusable)
+
+    def close(self) -> None:
+        """Drop the connection (the exchange was cut short)."""
+        if self._done:
+            return
+        self._done = True
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        self._pool.release(self._protocol, reusable=False)
+
+
+class ConnectionPool:
+    """Keep-alive connections to one upstream, at most `limit` open at once."""
+
+    def __init__(self, endpoint: Endpoint, limit: int) -> None:
+        self.endpoint = endpoint
+        self._limit = limit
+        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._open = 0  # idle + busy
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if endpoint.tls else None
+
+    async def acquire(self, *, fresh: bool, timeout: float) -> tuple[ResponseHandler, bool]:
+        """A connection and whether it was reused from the pool; waits while `limit` are busy."""
+        idle = self._idle
+        while idle and not fresh:
+            protocol, _ = idle.pop()  # the most recently used: least likely to have timed out
+            if protocol.is_connected() and not protocol.should_close:
+                return protocol, True
+            self._discard(protocol)
+        if fresh and idle:
+            # A retry wants a new connection: make room by closing the oldest idle one.
+            self._discard(idle.popleft()[0])
+        deadline = time.monotonic() + timeout
+        while self._open >= self._limit:
+            if self._closed:
+                raise UpstreamError("the gateway is shutting down")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamTimeout(
+                    f"no upstream connection became free within {timeout:g}s "
+                    f"(max_connections: {self._limit})"
+                )
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                continue
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if idle and not fresh:
+                protocol, _ = idle.pop()
+                if protocol.is_connected() and not protocol.should_close:
+                    return protocol, True
+                self._discard(protocol)
+        self._open += 1
+        try:
+            return await self._connect(min(timeout, 10.0)), False
+        except BaseException:
+            self._open -= 1
+            self._wake()
+            raise
+
+    async def _connect(self, timeout: float) -> ResponseHandler:
+        loop = asyncio.get_running_loop()
+        endpoint = self.endpoint
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: ResponseHandler(loop),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=self._ssl,
+                    server_hostname=endpoint.host if self._ssl is not None else None,
+                ),
+                timeout,
+            )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"could not connect to the upstream within {timeout:g}s") from exc
+        except OSError as exc:
+            raise UpstreamError("upstream refused or broke the connection") from exc
+        return protocol
+
+    def release(self, protocol: ResponseHandler, *, reusable: bool) -> None:
+        """Return `protocol` to the idle list, or close it when it cannot carry another request."""
+        if reusable and not self._closed and protocol.is_connected() and not protocol.should_close:
+            self._idle.append((protocol, time.monotonic()))
+            if self._expiry is None:
+                self._expiry = asyncio.get_running_loop().call_later(_KEEPALIVE, self._expire)
+            self._wake()
+            return
+        self._discard(protocol)
+
+    def _discard(self, protocol: ResponseHandler) -> None:
+        protocol.close()
+        self._open -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _expire(self) -> None:
+        self._expiry = None
+        cutoff = time.monotonic() - _KEEPALIVE
+        idle = self._idle
+        while idle and idle[0][1] <= cutoff:
+            self._discard(idle.popleft()[0])
+        if idle:
+            delay = idle[0][1] + _KEEPALIVE - time.monotonic()
+            self._expiry = asyncio.get_running_loop().call_later(max(delay, 0.1), self._expire)
+
+    def close(self) -> None:
+        """Close every idle connection; busy ones close when released."""
+        self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        while self._idle:
+            self._discard(self._idle.pop()[0])
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class UpstreamClient:
+    """Pools by (upstream, max_connections), and the request/response exchange on them.
+
+    Separate pools per route keep a route full of long downloads from starving the others.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, int], ConnectionPool] = {}
+
+    def pool_for(self, upstream: str, max_connections: int) -> ConnectionPool:
+        """The pool for this upstream URL and size (created on first use)."""
+        key = (upstream, max_connections)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = ConnectionPool(Endpoint.parse(upstream), max_connections)
+        return pool
+
+    async def send(
+        self,
+        pool: ConnectionPool,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        *,
+        body: StreamReader | None,
+        length: int | None,
+        body_limit: int,
+        timeout: float,
+    ) -> UpstreamResponse:
+        """Send one request and wait for its response head (1xx skipped).
+
+        `target` is the encoded path and query after the endpoint's base path; `body`
+        streams with Content-Length `length`, or chunked when `length` is None. A reused
+        connection the upstream closed in the meantime is retried once on a new one for
+        idempotent requests without a body, as every HTTP client does.
+        """
+        head = _request_head(method, pool.endpoint, target, headers, body is not None and length is None)
+        retry = body is None and method in _IDEMPOTENT
+        protocol, reused = await pool.acquire(fresh=False, timeout=timeout)
+        while True:
+            protocol.set_response_params(
+                skip_payload=method == "HEAD",
+                read_until_eof=True,
+                auto_decompress=False,
+                read_timeout=timeout,
+                read_bufsize=_READ_BUFSIZE,
+            )
+            transport = protocol.transport
+            if transport is None:  # closed between acquire and now
+                pool.release(protocol, reusable=False)
+                raise UpstreamError("upstream refused or broke the connection")
+            transport.write(head)
+            writer: asyncio.Task[None] | None = None
+            counter: _BodyCounter | None = None
+            if body is None:
+                protocol.start_timeout()
+            else:
+                counter = _BodyCounter(body_limit if length is None else None)
+                writer = asyncio.create_task(_write_body(protocol, body, length is None, counter))
+            try:
+                message, payload = await _read_head(protocol)
+            except (ServerDisconnectedError, ConnectionResetError) as exc:
+                pool.release(protocol, reusable=False)
+                if writer is not None:
+                    writer.cancel()
+                if reused and retry:
+                    retry = False
+                    protocol, reused = await pool.acquire(fresh=True, timeout=timeout)
+                    continue
+                _raise_body_error(counter)
+                raise UpstreamError("upstream refused or broke the connection") from exc
+            except TimeoutError as exc:
+                pool.release(protocol, reusable=False)
+                if writer is not None:
+                    writer.cancel()
+                raise UpstreamTimeout(f"upstream did not answer within {timeout:g}s") from exc
+            except (ClientError, OSError, HttpProcessingError) as exc:
+                # HttpProcessingError: the upstream's answer is not HTTP/1.x.
+                pool.release(protocol, reusable=False)
+                if writer is not None:
+                    writer.cancel()
+                _raise_body_error(counter)
+                raise UpstreamError("upstream refused or broke the connection") from exc
+            except BaseException:
+                pool.release(protocol, reusable=False)
+                if writer is not None:
+                    writer.cancel()
+                raise
+            return UpstreamResponse(message, payload, protocol, pool, writer)
+
+    async def close(self) -> None:
+        """Close every pool (at shutdown)."""
+        pools = list(self._pools.values())
+        self._pools.clear()
+        for pool in pools:
+            pool.close()
+
+
+async def _read_head(protocol: ResponseHandler) -> tuple[RawResponseMessage, StreamReader]:
+    while True:
+        message, payload = await protocol.read()
+        # 1xx are interim (103 Early Hints and the like); 101 is never asked for (Upgrade is stripped).
+        if not 100 <= message.code <= 199:
+            return message, payload
+
+
+class _BodyCounter:
+    """How much of a body of unknown length has gone upstream, against the route's limit."""
+
+    __slots__ = ("limit", "sent", "exceeded")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.sent = 0
+        self.exceeded = False
+
+
+def _raise_body_error(counter: _BodyCounter | None) -> None:
+    if counter is not None and counter.exceeded:
+        raise PayloadTooLarge(f"request body is larger than the limit of {counter.limit} bytes")
+
+
+async def _write_body(
+    protocol: ResponseHandler, body: StreamReader, chunked: bool, counter: _BodyCounter
+) -> None:
+    """Stream the client's body upstream with back-pressure; start the read timeout after it."""
+    limit = counter.limit
+    try:
+        while True:
+            chunk = await body.readany()
+            if not chunk:
+                break
+            counter.sent += len(chunk)
+            if limit is not None and counter.sent > limit:
+                counter.exceeded = True
+                # The upstream must not take a truncated body for a whole one.
+                protocol.abort()
+                protocol.set_exception(ServerDisconnectedError("request body over the limit"))
+                return
+            transport = protocol.transport
+            if transport is None:
+                return
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                transport.write(chunk)
+            if protocol.writing_paused:
+                await protocol._drain_helper()
+        if chunked and protocol.transport is not None:
+            protocol.transport.write(b"0\r\n\r\n")
+        protocol.start_timeout()
+    except (ClientError, OSError, HttpProcessingError) as exc:
+        # The client broke off or sent a malformed chunked body, or the upstream went away.
+        protocol.abort()
+        protocol.set_exception(ServerDisconnectedError(f"request body not sent: {type(exc).__name__}"))
+
+
+def _request_head(
+    method: str, endpoint: Endpoint, target: str, headers: Mapping[str, str], chunked: bool
+) -> bytes:
+    """The request line and headers, ready for the socket; refuses line breaks in any value."""
+    lines = [f"{method} {endpoint.base_path}{target} HTTP/1.1\r\n"]
+    if "Host" not in headers:
+        lines.append(f"Host: {endpoint.host_header}\r\n")
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}\r\n")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    elif method in _LENGTH_REQUIRED and "Content-Length" not in headers:
+        lines.append("Content-Length: 0\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    # One CR and one LF per line, or a value smuggled a line break into the head.
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise BadRequest("a header value contains a line break")
+    # surrogateescape gives back the exact bytes the client sent (obs-text included).
+    return text.encode("utf-8", "surrogateescape")
