@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -177,14 +178,14 @@ class Gateway:
         await self.store.close()
 
 
-async def _no_automatic_continue(request: web.Request) -> None:
-    # aiohttp would send "100 Continue" before the handler runs; the pipeline sends it
-    # only after the request is authorised.
-    return None
+# The parser's limits for request lines and header fields (aiohttp's defaults, stated).
+PROXY_HANDLER_ARGS: dict[str, Any] = {"max_field_size": 8190, "max_line_size": 8190}
 
 
-def build_proxy_app(gateway: Gateway) -> web.Application:
-    """The proxy listener's app: one catch-all resource, our own route table behind it."""
-    app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
-    app.router.add_route("*", "/{tail:.*}", gateway.pipeline.handle, expect_handler=_no_automatic_continue)
-    return app
+def build_proxy_server(gateway: Gateway, **kwargs: Any) -> web.Server:
+    """The proxy listener: aiohttp's low-level server straight into the pipeline.
+
+    No Application and router: the route table is ours, and aiohttp's automatic
+    "100 Continue" must not run (the pipeline sends it only after authorisation).
+    """
+    return web.Server(gateway.pipeline.handle, **PROXY_HANDLER_ARGS, **kwargs)

@@ -79,7 +79,7 @@ class Pipeline:
         self._request_counters: dict[tuple[str | None, int], Counter] = {}
         self._origins = origins
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Run the pipeline for one request; never raises a GatewayError."""
         started = time.perf_counter()
         settings = self.settings  # one version for the whole request, even across a reload
@@ -178,7 +178,7 @@ class Pipeline:
 
     def _record(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         started: float,
         raw_path: str,
         request_id: str,

@@ -45,7 +45,7 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         route: RouteConfig,
         *,
         upstream_path: str,
@@ -80,7 +80,7 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream: UpstreamResponse,
         cors_headers: dict[str, str] | None,
         request_id: str,
@@ -117,14 +117,14 @@ class Forwarder:
         return response
 
 
-def _abort(request: web.Request) -> None:
+def _abort(request: web.BaseRequest) -> None:
     # Headers are out: the only honest signal left is a truncated body and a closed connection.
     transport = request.transport
     if transport is not None:
         transport.close()
 
 
-def _request_body(request: web.Request, limit: int) -> tuple[StreamReader | None, int | None]:
+def _request_body(request: web.BaseRequest, limit: int) -> tuple[StreamReader | None, int | None]:
     """The client's body and its length (None: unknown, sent chunked and counted against `limit`)."""
     if not request.body_exists:
         return None, None

@@ -29,7 +29,7 @@ from aiohttp import web
 from sqlalchemy.engine import make_url
 
 from gateway.admin import build_admin_app
-from gateway.app import Gateway, build_proxy_app, build_settings
+from gateway.app import Gateway, build_proxy_server, build_settings
 from gateway.config import Address, Config, load_config
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.logs import configure as configure_logging
@@ -63,18 +63,29 @@ async def run_worker(
     # Everything built so far lives for the whole process: keep it out of every GC pass.
     gc.collect()
     gc.freeze()
-    runners: list[web.AppRunner] = []
+    sites: list[tuple[web.BaseRunner, socket.socket]] = [
+        (
+            web.ServerRunner(
+                build_proxy_server(gateway, access_log=None, keepalive_timeout=config.keepalive_timeout),
+                shutdown_timeout=10,
+            ),
+            proxy,
+        )
+    ]
+    if admin is not None:
+        admin_runner = web.AppRunner(
+            build_admin_app(gateway.admin_context()),
+            access_log=None,
+            keepalive_timeout=config.keepalive_timeout,
+            shutdown_timeout=10,
+        )
+        sites.append((admin_runner, admin))
+    runners: list[web.BaseRunner] = []
     try:
-        sites = [(build_proxy_app(gateway), proxy)]
-        if admin is not None:
-            sites.append((build_admin_app(gateway.admin_context()), admin))
-        for app, sock in sites:
-            runner = web.AppRunner(
-                app, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=10
-            )
+        for runner, sock in sites:
             await runner.setup()
-            await web.SockSite(runner, sock).start()
             runners.append(runner)
+            await web.SockSite(runner, sock).start()
         log.info(
             "gateway serving",
             extra={

@@ -62,6 +62,32 @@ class Endpoint:
         )
 
 
+class Connection(ResponseHandler):
+    """aiohttp's response protocol, remembering what its parser was last set up for.
+
+    aiohttp builds a new parser for every request; a keep-alive connection asking the
+    same (HEAD or not, timeout) again reuses its parser, which is ready for the next
+    message once the last one is complete, as on aiohttp's own server connections.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.parser_for: tuple[bool, float] | None = None
+
+    def prepare(self, head_only: bool, timeout: float) -> None:
+        """Set up the response parser for one request."""
+        wanted = (head_only, timeout)
+        if self.parser_for != wanted:
+            self.set_response_params(
+                skip_payload=head_only,
+                read_until_eof=True,
+                auto_decompress=False,
+                read_timeout=timeout,
+                read_bufsize=_READ_BUFSIZE,
+            )
+            self.parser_for = wanted
+
+
 class UpstreamResponse:
     """The status line and headers of an upstream answer; `content` streams its body."""
 
@@ -71,7 +97,7 @@ class UpstreamResponse:
         self,
         message: RawResponseMessage,
         content: StreamReader,
-        protocol: ResponseHandler,
+        protocol: Connection,
         pool: ConnectionPool,
         writer: asyncio.Task[None] | None,
     ) -> None:
@@ -111,14 +137,14 @@ class ConnectionPool:
     def __init__(self, endpoint: Endpoint, limit: int) -> None:
         self.endpoint = endpoint
         self._limit = limit
-        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._idle: deque[tuple[Connection, float]] = deque()
         self._open = 0  # idle + busy
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if endpoint.tls else None
 
-    async def acquire(self, *, fresh: bool, timeout: float) -> tuple[ResponseHandler, bool]:
+    async def acquire(self, *, fresh: bool, timeout: float) -> tuple[Connection, bool]:
         """A connection and whether it was reused from the pool; waits while `limit` are busy."""
         idle = self._idle
         while idle and not fresh:
@@ -161,13 +187,13 @@ class ConnectionPool:
             self._wake()
             raise
 
-    async def _connect(self, timeout: float) -> ResponseHandler:
+    async def _connect(self, timeout: float) -> Connection:
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: ResponseHandler(loop),
+                    lambda: Connection(loop),
                     endpoint.host,
                     endpoint.port,
                     ssl=self._ssl,
@@ -181,7 +207,7 @@ class ConnectionPool:
             raise UpstreamError("upstream refused or broke the connection") from exc
         return protocol
 
-    def release(self, protocol: ResponseHandler, *, reusable: bool) -> None:
+    def release(self, protocol: Connection, *, reusable: bool) -> None:
         """Return `protocol` to the idle list, or close it when it cannot carry another request."""
         if reusable and not self._closed and protocol.is_connected() and not protocol.should_close:
             self._idle.append((protocol, time.monotonic()))
@@ -191,7 +217,7 @@ class ConnectionPool:
             return
         self._discard(protocol)
 
-    def _discard(self, protocol: ResponseHandler) -> None:
+    def _discard(self, protocol: Connection) -> None:
         protocol.close()
         self._open -= 1
         self._wake()
@@ -266,13 +292,7 @@ class UpstreamClient:
         retry = body is None and method in _IDEMPOTENT
         protocol, reused = await pool.acquire(fresh=False, timeout=timeout)
         while True:
-            protocol.set_response_params(
-                skip_payload=method == "HEAD",
-                read_until_eof=True,
-                auto_decompress=False,
-                read_timeout=timeout,
-                read_bufsize=_READ_BUFSIZE,
-            )
+            protocol.prepare(method == "HEAD", timeout)
             transport = protocol.transport
             if transport is None:  # closed between acquire and now
                 pool.release(protocol, reusable=False)
@@ -324,7 +344,7 @@ class UpstreamClient:
             pool.close()
 
 
-async def _read_head(protocol: ResponseHandler) -> tuple[RawResponseMessage, StreamReader]:
+async def _read_head(protocol: Connection) -> tuple[RawResponseMessage, StreamReader]:
     while True:
         message, payload = await protocol.read()
         # 1xx are interim (103 Early Hints and the like); 101 is never asked for (Upgrade is stripped).
@@ -349,7 +369,7 @@ def _raise_body_error(counter: _BodyCounter | None) -> None:
 
 
 async def _write_body(
-    protocol: ResponseHandler, body: StreamReader, chunked: bool, counter: _BodyCounter
+    protocol: Connection, body: StreamReader, chunked: bool, counter: _BodyCounter
 ) -> None:
     """Stream the client's body upstream with back-pressure; start the read timeout after it."""
     limit = counter.limit

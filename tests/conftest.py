@@ -14,10 +14,10 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 from yarl import URL
 
-from gateway.app import Gateway, build_proxy_app
+from gateway.app import PROXY_HANDLER_ARGS, Gateway
 from gateway.config import load_config
 from gateway.services import Directory
 from tests.upstream import build_upstream
@@ -131,6 +131,11 @@ routes:
 """
 
 
+def proxy_test_server(gateway: Gateway) -> RawTestServer:
+    """The gateway's proxy listener on a free loopback port, as `gateway serve` builds it."""
+    return RawTestServer(gateway.pipeline.handle, host="127.0.0.1", **PROXY_HANDLER_ARGS)
+
+
 def write_config(
     directory: Path,
     *,
@@ -210,7 +215,7 @@ async def make_harness(
         )
         config = load_config(path, env={})
         gateway = await Gateway.open(config)
-        client = TestClient(TestServer(build_proxy_app(gateway), host="127.0.0.1"))
+        client = TestClient(proxy_test_server(gateway))
         await client.start_server()
         started.append((gateway, client))
         directory = Directory(gateway.store, lambda: gateway.pipeline.settings.table.role_names())

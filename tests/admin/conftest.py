@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
 from gateway.admin import build_admin_app
-from gateway.app import Gateway, build_proxy_app
+from gateway.app import Gateway
 from gateway.config import load_config
-from tests.conftest import write_config
+from tests.conftest import proxy_test_server, write_config
 
 AppClient = TestClient[web.Request, web.Application]
 
@@ -81,7 +81,7 @@ async def make_admin(
         path = write_config(tmp_path, store_url=store_url, upstream_url=upstream_url, **options)
         gateway = await Gateway.open(load_config(path, env={}))
         client = TestClient(TestServer(build_admin_app(gateway.admin_context()), host="127.0.0.1"))
-        proxy = TestClient(TestServer(build_proxy_app(gateway), host="127.0.0.1"))
+        proxy = TestClient(proxy_test_server(gateway))
         started.append((gateway, client, proxy))
         await client.start_server()
         await proxy.start_server()

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from gateway.app import Gateway, build_proxy_app
+from gateway.app import Gateway
 from gateway.config import load_config
-from tests.conftest import write_config
+from tests.conftest import proxy_test_server, write_config
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 
@@ -69,7 +69,7 @@ async def test_idempotent_request_retried_on_fresh_connection(
         await gateway.directory.create_user("svc", actor="test", roles=["writer"])
         _, token = await gateway.directory.create_token("svc", "t", actor="test")
         headers = {"Authorization": f"Bearer {token}"}
-        async with TestClient(TestServer(build_proxy_app(gateway), host="127.0.0.1")) as client:
+        async with TestClient(proxy_test_server(gateway)) as client:
             first = await client.get("/echo/a", headers=headers)
             assert first.status == 200 and await first.text() == "ok"
             # The pooled connection is dropped at this request: retried once, on a new connection.

@@ -12,9 +12,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admin import build_admin_app
-from gateway.app import Gateway, build_proxy_app
+from gateway.app import Gateway
 from gateway.config import load_config
-from tests.conftest import fresh_pg_database, write_config
+from tests.conftest import fresh_pg_database, proxy_test_server, write_config
 
 
 class Relay:
@@ -79,7 +79,7 @@ async def test_outage_grace_then_503_then_recovery(
         extra_yaml="cache:\n  outage_grace: 1.5\n",
     )
     gateway = await Gateway.open(load_config(path, env={}))
-    proxy = TestClient(TestServer(build_proxy_app(gateway), host="127.0.0.1"))
+    proxy = TestClient(proxy_test_server(gateway))
     admin = TestClient(TestServer(build_admin_app(gateway.admin_context()), host="127.0.0.1"))
     await proxy.start_server()
     await admin.start_server()

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.services import Directory
-from tests.conftest import Harness, write_config
+from tests.conftest import Harness, proxy_test_server, write_config
 from tests.process import GatewayProcess
 
 MB = 1024 * 1024
@@ -129,12 +129,10 @@ async def test_refused_upstream_is_502(tmp_path: Path, store_url: str) -> None:
     try:
         from aiohttp.test_utils import TestClient
 
-        from gateway.app import build_proxy_app
-
         directory = Directory(gateway.store, gateway.pipeline.settings.table.role_names)
         await directory.create_user("u", actor="test", roles=["writer"])
         _, token = await directory.create_token("u", "t", actor="test")
-        async with TestClient(TestServer(build_proxy_app(gateway))) as client:
+        async with TestClient(proxy_test_server(gateway)) as client:
             response = await client.get("/echo/a", headers={"Authorization": f"Bearer {token}"})
             assert response.status == 502
             assert (await response.json())["error"] == "upstream_unavailable"
