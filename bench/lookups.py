@@ -5,7 +5,8 @@ batches; a token's digest is `gateway.tokens.digest(secret)`, as
 `gateway/services/tokens.py` stores it. The secrets are derived from a per-run seed so
 a sample of existing digests can be recomputed without keeping a million in memory.
 Lookups go straight to the store (no identity cache): each one is the store's real
-read path, token ⋈ user by the digest index, then the user's roles and origins.
+read path: one statement, token ⋈ user by the digest index with the user's roles and origins
+aggregated in correlated subqueries.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.util import CommandError
-from sqlalchemy import bindparam, event, func, literal, or_, select, union_all, update
+from sqlalchemy import JSON, Select, bindparam, event, func, literal, or_, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -120,6 +120,13 @@ class Store:
         self.dialect: str = engine.dialect.name
         self.url: str = engine.url.render_as_string(hide_password=True)
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(engine, expire_on_commit=False)
+        # A lookup is one SELECT: on PostgreSQL it needs no BEGIN/ROLLBACK round trips around it.
+        # (SQLite keeps its local BEGIN: switching pysqlite's isolation level back and forth
+        # would undo the explicit-BEGIN recipe of _sqlite_setup.)
+        self._reader = engine
+        if self.dialect == "postgresql":
+            self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._lookup = _lookup_statement(self.dialect)
         # Same pool; on SQLite its transactions take the write lock up front (_sqlite_setup).
         self.write_sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             engine.execution_options(**{_IMMEDIATE: True}), expire_on_commit=False
@@ -131,37 +138,14 @@ class Store:
     async def lookup_token(self, digest: str) -> Principal | None:
         """The Principal of the token whose secret hashes to `digest`, or None.
 
-        Two indexed round trips: token ⋈ user by the unique digest index, then the
-        user's roles and origins in one UNION ALL.
+        One statement, one round trip: token ⋈ user by the unique digest index, with the
+        user's roles and origins aggregated by correlated subqueries on their primary keys.
         """
-        async with translate_errors(), self.sessions() as session:
-            found = (
-                await session.execute(
-                    select(
-                        Token.id,
-                        Token.name,
-                        Token.expires_at,
-                        Token.roles,
-                        ServiceUser.id,
-                        ServiceUser.name,
-                        ServiceUser.kind,
-                        ServiceUser.disabled,
-                    )
-                    .join(ServiceUser, ServiceUser.id == Token.user_id)
-                    .where(Token.digest == digest)
-                )
-            ).one_or_none()
-            if found is None:
-                return None
-            token_id, token_name, expires_at, fixed, user_id, user, kind, disabled = found
-            roles = select(literal("r").label("k"), RoleAssignment.role.label("v")).where(
-                RoleAssignment.user_id == user_id
-            )
-            origins = select(literal("o").label("k"), AllowedOrigin.origin.label("v")).where(
-                AllowedOrigin.user_id == user_id
-            )
-            rows = (await session.execute(union_all(roles, origins))).all()
-        user_roles = frozenset(value for key, value in rows if key == "r")
+        async with translate_errors(), self._reader.connect() as connection:
+            found = (await connection.execute(self._lookup, {"digest": digest})).one_or_none()
+        if found is None:
+            return None
+        token_id, token_name, expires_at, fixed, user, kind, disabled, roles, origins = found
         return Principal(
             user=user,
             kind=kind,
@@ -169,8 +153,8 @@ class Store:
             token_id=token_id,
             token_name=token_name,
             expires_at=expires_at,
-            roles=effective_roles(fixed, user_roles),
-            origins=frozenset(value for key, value in rows if key == "o"),
+            roles=effective_roles(fixed, frozenset(roles or ())),
+            origins=frozenset(origins or ()),
         )
 
     async def ping(self) -> None:
@@ -237,6 +221,36 @@ class Store:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+
+
+def _lookup_statement(dialect: str) -> Select[Any]:
+    """token ⋈ user by digest, with the user's roles and origins as JSON arrays."""
+    aggregate = func.json_group_array if dialect == "sqlite" else func.json_agg
+    roles = (
+        select(aggregate(RoleAssignment.role, type_=JSON))
+        .where(RoleAssignment.user_id == ServiceUser.id)
+        .scalar_subquery()
+    )
+    origins = (
+        select(aggregate(AllowedOrigin.origin, type_=JSON))
+        .where(AllowedOrigin.user_id == ServiceUser.id)
+        .scalar_subquery()
+    )
+    return (
+        select(
+            Token.id,
+            Token.name,
+            Token.expires_at,
+            Token.roles,
+            ServiceUser.name,
+            ServiceUser.kind,
+            ServiceUser.disabled,
+            roles,
+            origins,
+        )
+        .join(ServiceUser, ServiceUser.id == Token.user_id)
+        .where(Token.digest == bindparam("digest"))
+    )
 
 
 def _sqlite_setup(engine: AsyncEngine) -> None:
