@@ -100,13 +100,15 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
             f'"logger":"{ACCESS_LOGGER}","message":"request",'
         )
         with self.lock:  # type: ignore[union-attr]
-            self.stream.write(head + json.dumps(fields, ensure_ascii=False, separators=(",", ":"))[1:] + "\n")
+            self.stream.write(head + _encode(fields)[1:] + "\n")
             if now - self._last_flush >= 0.25:
                 self._last_flush = now
                 self.stream.flush()
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
+# json.dumps with options builds a new encoder per call; the request line reuses this one.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def write_access(level: int, fields: dict[str, object]) -> None:
