@@ -359,6 +359,10 @@ def render(results: Results, previous: Path) -> str:
             f"- (c)/(d) throughput: SQLite {_f(ratio(results, 'gw-sqlite', 'bare'), '.2f')}, "
             f"PostgreSQL {_f(ratio(results, 'gw-pg', 'bare'), '.2f')}"
         )
+        add(
+            f"- (e)/(d) throughput: {_f(ratio(results, 'bare-lean', 'bare'), '.2f')} (the same bare proxy; "
+            "only aiohttp.ClientSession replaced by the gateway's upstream client, gateway/upstream.py)"
+        )
         cpu = {k: r.c50.cpu_us_per_req for k, r in results.runs.items() if r.c50 is not None}
         if cpu.get("gw-sqlite") and cpu.get("bare") and cpu.get("nginx"):
             add(

@@ -381,17 +381,25 @@ class Bench:
 
         sqlite_setup = self.setup("sqlite")
         assert sqlite_setup is not None
-        bare_run = ServerRun("bare", "(d) bare aiohttp proxy")
-        results.runs[bare_run.key] = bare_run
-        bare = start_bare_proxy(
-            self.procs, SUT_CPUS, f"http://{LOOPBACK}:{self.upstream_port}", sqlite_setup.token
-        )
-        self.command(f"BENCH_BARE_TOKENS=$TOKEN=bench {bare.proc.command}")
-        try:
-            self.sanity(bare.url, sqlite_setup.token, expect_user=True)
-            self.measure_server(bare_run, bare, bare.proc.pid, sqlite_setup.token)
-        finally:
-            self.procs.stop(bare.proc)
+        for key, label, client in (
+            ("bare", "(d) bare aiohttp proxy", "aiohttp"),
+            ("bare-lean", "(e) bare proxy on the gateway's upstream client", "gateway"),
+        ):
+            bare_run = ServerRun(key, label)
+            results.runs[bare_run.key] = bare_run
+            bare = start_bare_proxy(
+                self.procs,
+                SUT_CPUS,
+                f"http://{LOOPBACK}:{self.upstream_port}",
+                sqlite_setup.token,
+                client=client,
+            )
+            self.command(f"BENCH_BARE_TOKENS=$TOKEN=bench {bare.proc.command}")
+            try:
+                self.sanity(bare.url, sqlite_setup.token, expect_user=True)
+                self.measure_server(bare_run, bare, bare.proc.pid, sqlite_setup.token)
+            finally:
+                self.procs.stop(bare.proc)
 
         self.workers(sqlite_setup)
         self.procs.stop(upstream.proc)

@@ -139,9 +139,12 @@ def start_nginx_proxy(procs: Processes, work: Path, cpus: str, upstream_port: in
 
 
 def start_bare_proxy(
-    procs: Processes, cpus: str, upstream_url: str, token: str, user: str = "bench"
+    procs: Processes, cpus: str, upstream_url: str, token: str, user: str = "bench", client: str = "aiohttp"
 ) -> Server:
-    """bench/bare_proxy.py: dict of tokens, no policy, no logging, streamed responses."""
+    """bench/bare_proxy.py: dict of tokens, no policy, no logging, streamed responses.
+
+    `client="gateway"`: the same proxy on the gateway's upstream client (the bench's (e)).
+    """
     port = free_port()
     argv = [
         sys.executable,
@@ -151,15 +154,19 @@ def start_bare_proxy(
         f"{LOOPBACK}:{port}",
         "--upstream",
         upstream_url,
+        "--client",
+        client,
     ]
     # The token is passed in the environment, not on the command line (visible in ps).
     procs.env["BENCH_BARE_TOKENS"] = f"{token}={user}"
     try:
-        proc = procs.start("bare-proxy", argv, cpus=cpus, cwd=REPO)
+        proc = procs.start(
+            "bare-proxy" if client == "aiohttp" else "bare-proxy-lean", argv, cpus=cpus, cwd=REPO
+        )
     finally:
         del procs.env["BENCH_BARE_TOKENS"]
     wait_port(port, proc)
-    return Server(proc, port, "bare aiohttp proxy")
+    return Server(proc, port, "bare aiohttp proxy" if client == "aiohttp" else "bare proxy, gateway client")
 
 
 def start_stream_upstream(procs: Processes, cpus: str, port: int) -> Server:
