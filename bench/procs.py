@@ -39,11 +39,7 @@ def cpu_ticks(pid: int) -> int:
     return sum(int(value) for value in fields[11:15])
 
 
-def tree_cpu_ticks(pid: int) -> int:
-    """`cpu_ticks` of `pid` plus those of its live descendants (worker processes, if any).
-
-    A child that exited and was waited for is already in its parent's cutime/cstime.
-    """
+def _children_by_parent() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -54,6 +50,20 @@ def tree_cpu_ticks(pid: int) -> int:
             continue
         ppid = int(text[text.rindex(")") + 2 :].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live direct children of `pid` (a supervisor's workers), sorted."""
+    return sorted(_children_by_parent().get(pid, []))
+
+
+def tree_cpu_ticks(pid: int) -> int:
+    """`cpu_ticks` of `pid` plus those of its live descendants (worker processes, if any).
+
+    A child that exited and was waited for is already in its parent's cutime/cstime.
+    """
+    children = _children_by_parent()
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()

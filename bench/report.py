@@ -161,6 +161,14 @@ def targets(results: Results) -> list[Target]:
     return found
 
 
+def _rounds_note(run: ServerRun) -> str:
+    """The run's note, plus every round's req/s when there was more than one."""
+    parts = [run.note] if run.note else []
+    if len(run.c50_rounds) > 1:
+        parts.append("rounds: " + " / ".join(f"{r.rps:,.0f}" for r in run.c50_rounds))
+    return "; ".join(parts)
+
+
 def _wrk_row(label: str, result: WrkResult | None, note: str = "") -> str:
     if result is None:
         return f"| {label} | – | – | – | – | – | – | – | – | {note or 'not measured'} |"
@@ -291,10 +299,18 @@ def render(results: Results, previous: Path) -> str:
     add("")
     add(
         f"- Load: `wrk -t1 -c{options.connections}` pinned to core 0 (`taskset -c 0`), {options.warmup:g} s "
-        f"warm-up (discarded), then {options.duration:g} s measured; "
+        f"warm-up (discarded, first round only), then {options.duration:g} s measured; "
         f"then `-c1` for {options.c1_duration:g} s "
         "to get the latency a single client sees. Latency percentiles come from wrk's own histogram "
         "(`bench/wrk_report.lua` prints them as JSON at the end; no per-request Lua runs)."
+    )
+    add(
+        f"- Rounds: every server is started before the first load and stays up (idle while another "
+        f"is measured); then {options.rounds} round(s), each measuring every server in turn. A figure is "
+        "the median round (by req/s; by p50 latency at 1 connection), and the table lists every "
+        "round's req/s, so a slow spell of this shared machine hits all servers alike instead of "
+        "one. The idle gateways' background work (change-feed poll every 250 ms) is part of "
+        "'others on core 1'."
     )
     add(
         "- Upstream: nginx (`nginx-light`, one process: `master_process off`, `access_log off`) answering "
@@ -308,7 +324,9 @@ def render(results: Results, previous: Path) -> str:
         "route policy (`GET /bench/**` requires `bench:read`) and the identity headers, on SQLite and "
         "on a fresh PostgreSQL database `gw_bench_<random>` (dropped afterwards), and (d) "
         "`bench/bare_proxy.py`: aiohttp + uvloop, a dict of tokens, no policy, no logging, response "
-        "streamed with StreamResponse."
+        "streamed with StreamResponse; (e) the same bare proxy with `--client gateway`: "
+        "aiohttp.ClientSession replaced by the gateway's upstream client (`gateway/upstream.py`), "
+        "nothing else changed."
     )
     add(
         "- Before each load a request checks the 98-byte body and, through (c) and (d), that the "
@@ -332,9 +350,9 @@ def render(results: Results, previous: Path) -> str:
         "is shown too, but the means carry the other processes' bursts)."
     )
     add(
-        "- Each figure comes from one run. On this shared 2-core VM, repeated runs of the same commit "
-        "differed by 15-40 % in req/s while other processes were active, so read a figure together "
-        "with its interference column and the History section."
+        "- On this shared 2-core VM, single runs of the same commit differed by 15-40 % in req/s "
+        "while other processes were active (hence the rounds), so read a figure together with its "
+        "rounds, its interference column and the History section."
     )
     add("- Every process is started and stopped by PID; all traffic goes to 127.0.0.1.")
     add("")
@@ -347,7 +365,7 @@ def render(results: Results, previous: Path) -> str:
         )
         add("|---|---|---|---|---|---|---|---|---|---|")
         for run in results.runs.values():
-            add(_wrk_row(run.label, run.c50, run.note))
+            add(_wrk_row(run.label, run.c50, _rounds_note(run)))
         if results.workers2_run is not None:
             add(_wrk_row("(c) gateway `--workers 2`, SQLite", results.workers2_run, "unpinned"))
         add("")

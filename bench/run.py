@@ -29,7 +29,7 @@ import asyncpg
 from bench import report
 from bench.load import StreamResult, WrkResult, run_curl_stream, run_wrk, shown
 from bench.lookups import LookupResult, measure
-from bench.procs import LOOPBACK, Processes, free_port, http_get, wait_until_quiet
+from bench.procs import LOOPBACK, Processes, child_pids, cpu_ticks, free_port, http_get, wait_until_quiet
 from bench.servers import (
     BENCH_PATH,
     REPO,
@@ -62,6 +62,7 @@ class Options:
     duration: float
     c1_duration: float
     connections: int
+    rounds: int
     stream_bytes: int
     lookup_tokens: int
     pg_dsn: str
@@ -82,12 +83,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--quick", action="store_true", help="short runs: 1 s warm-up, 3 s runs, 200 MB, 100k tokens"
     )
-    parser.add_argument("--duration", type=float, help="seconds per measured wrk run (default 10; quick 3)")
+    parser.add_argument("--duration", type=float, help="seconds per measured wrk run (default 8; quick 3)")
     parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up (default 2; quick 1)")
     parser.add_argument(
-        "--c1-duration", type=float, help="seconds of the 1-connection run (default 10; quick 3)"
+        "--c1-duration", type=float, help="seconds of the 1-connection run (default 5; quick 3)"
     )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds over all servers; each figure is the median round (default 3; quick 1)",
+    )
     parser.add_argument(
         "--stream-bytes", type=int, help="bytes per streamed transfer (default 10^9; quick 2*10^8)"
     )
@@ -125,9 +131,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         only=selected,
         quick=quick,
         warmup=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
-        duration=args.duration if args.duration is not None else (3.0 if quick else 10.0),
-        c1_duration=args.c1_duration if args.c1_duration is not None else (3.0 if quick else 10.0),
+        duration=args.duration if args.duration is not None else (3.0 if quick else 8.0),
+        c1_duration=args.c1_duration if args.c1_duration is not None else (3.0 if quick else 5.0),
         connections=args.connections,
+        rounds=max(1, args.rounds if args.rounds is not None else (1 if quick else 3)),
         stream_bytes=args.stream_bytes or (200_000_000 if quick else 1_000_000_000),
         lookup_tokens=args.lookup_tokens or (100_000 if quick else 1_000_000),
         pg_dsn=args.pg_dsn,
@@ -211,6 +218,15 @@ class ServerRun:
     c50: WrkResult | None = None
     c1: WrkResult | None = None
     note: str = ""
+    c50_rounds: list[WrkResult] = field(default_factory=list)
+    c1_rounds: list[WrkResult] = field(default_factory=list)
+
+    def settle_medians(self) -> None:
+        """c50/c1 become the median rounds (by req/s, and by p50 latency at 1 connection)."""
+        if self.c50_rounds:
+            self.c50 = sorted(self.c50_rounds, key=lambda r: r.rps)[len(self.c50_rounds) // 2]
+        if self.c1_rounds:
+            self.c1 = sorted(self.c1_rounds, key=lambda r: r.lat_p50_ms)[len(self.c1_rounds) // 2]
 
 
 @dataclass
@@ -302,17 +318,21 @@ class Bench:
         if expect_user and seen != "bench":
             raise RuntimeError(f"sanity check of {server_url}: the upstream saw X-Service-User {seen!r}")
 
-    def measure_server(self, run: ServerRun, server: Server, pid: int, token: str) -> None:
+    def measure_round(self, run: ServerRun, server: Server, pid: int, token: str, *, round_no: int) -> None:
+        """One round of one server: (warm-up on the first round) N connections, then 1 connection."""
         options = self.options
         url = server.url + BENCH_PATH
         sut_core = None if run.key == "direct" else int(SUT_CPUS)
+        tag = f"{run.label} [round {round_no + 1}/{options.rounds}]"
         waited, busy = wait_until_quiet(QUIET, options.settle)
         settle = f"waited {waited:.0f} s for a quiet machine; CPU use then {busy * 100:.0f} %"
-        log(f"{run.label}: {settle}")
-        log(f"{run.label}: warm-up {options.warmup:g}s")
-        run_wrk(url, connections=options.connections, duration=options.warmup, token=token, cpus=LOAD_CPUS)
-        log(f"{run.label}: {options.connections} connections, {options.duration:g}s")
-        run.c50 = run_wrk(
+        log(f"{tag}: {settle}")
+        if round_no == 0:
+            log(f"{tag}: warm-up {options.warmup:g}s")
+            run_wrk(
+                url, connections=options.connections, duration=options.warmup, token=token, cpus=LOAD_CPUS
+            )
+        c50 = run_wrk(
             url,
             connections=options.connections,
             duration=options.duration,
@@ -321,13 +341,13 @@ class Bench:
             server_pid=pid,
             sut_core=sut_core,
         )
-        run.c50.settle = settle
+        c50.settle = settle
+        run.c50_rounds.append(c50)
         log(
-            f"{run.label}: {run.c50.rps:,.0f} req/s, p50 {run.c50.lat_p50_ms:.2f} ms, "
-            f"p99 {run.c50.lat_p99_ms:.2f} ms, CPU {run.c50.cpu_us_per_req or 0:.0f} µs/req"
+            f"{tag}: {c50.rps:,.0f} req/s, p50 {c50.lat_p50_ms:.2f} ms, "
+            f"p99 {c50.lat_p99_ms:.2f} ms, CPU {c50.cpu_us_per_req or 0:.0f} µs/req"
         )
-        log(f"{run.label}: 1 connection, {options.c1_duration:g}s")
-        run.c1 = run_wrk(
+        c1 = run_wrk(
             url,
             connections=1,
             duration=options.c1_duration,
@@ -336,70 +356,76 @@ class Bench:
             server_pid=pid,
             sut_core=sut_core,
         )
-        log(f"{run.label}: 1 connection mean {run.c1.lat_mean_ms * 1000:.0f} µs, {run.c1.rps:,.0f} req/s")
-        self.command(run.c50.command)
-        self.command(run.c1.command)
+        run.c1_rounds.append(c1)
+        log(f"{tag}: 1 connection p50 {c1.lat_p50_ms * 1000:.0f} µs, {c1.rps:,.0f} req/s")
+        self.command(c50.command)
+        self.command(c1.command)
 
     # -- scenarios
 
     def throughput(self) -> None:
+        """Every server started at once (each idle while another is loaded), then measured in
+        interleaved rounds, so that a slow spell of this shared machine hits them all alike."""
         results = self.results
         upstream = start_nginx_upstream(self.procs, self.work, LOAD_CPUS, self.upstream_port)
         self.command(upstream.proc.command)
         self.results.configs["nginx-upstream.conf"] = (self.work / "nginx-upstream.conf").read_text()
         self.sanity(upstream.url, "", expect_user=False)
+        measured: list[tuple[ServerRun, Server, str]] = []
+        started: list[Server] = []
 
-        direct = ServerRun("direct", "(a) upstream direct", note="nginx upstream; shares core 0 with wrk")
-        results.runs[direct.key] = direct
-        self.measure_server(direct, upstream, upstream.proc.pid, token="")
+        def add(run: ServerRun, server: Server, token: str, expect_user: bool) -> None:
+            results.runs[run.key] = run
+            self.sanity(server.url, token, expect_user=expect_user)
+            measured.append((run, server, token))
 
-        proxy_run = ServerRun("nginx", "(b) nginx reverse proxy")
-        results.runs[proxy_run.key] = proxy_run
-        proxy = start_nginx_proxy(self.procs, self.work, SUT_CPUS, self.upstream_port)
-        self.command(proxy.proc.command)
-        self.results.configs["nginx-proxy.conf"] = (self.work / "nginx-proxy.conf").read_text()
         try:
-            self.sanity(proxy.url, "", expect_user=False)
-            self.measure_server(proxy_run, proxy, proxy.proc.pid, token="")
-        finally:
-            self.procs.stop(proxy.proc)
-
-        for store, key in (("sqlite", "gw-sqlite"), ("postgresql", "gw-pg")):
-            run = ServerRun(key, f"(c) gateway, {'SQLite' if store == 'sqlite' else 'PostgreSQL'} store")
-            results.runs[key] = run
-            setup = self.setup(store)
-            if setup is None:
-                run.note = "not measured: PostgreSQL unreachable"
-                continue
-            gateway = start_gateway(self.procs, setup, SUT_CPUS, key)
-            self.command(shown(gateway.proc.argv, setup.token) + f"  2> {gateway.proc.log_path.name}")
-            try:
-                self.sanity(gateway.url, setup.token, expect_user=True)
-                self.measure_server(run, gateway, gateway.proc.pid, setup.token)
-            finally:
-                self.procs.stop(gateway.proc)
-
-        sqlite_setup = self.setup("sqlite")
-        assert sqlite_setup is not None
-        for key, label, client in (
-            ("bare", "(d) bare aiohttp proxy", "aiohttp"),
-            ("bare-lean", "(e) bare proxy on the gateway's upstream client", "gateway"),
-        ):
-            bare_run = ServerRun(key, label)
-            results.runs[bare_run.key] = bare_run
-            bare = start_bare_proxy(
-                self.procs,
-                SUT_CPUS,
-                f"http://{LOOPBACK}:{self.upstream_port}",
-                sqlite_setup.token,
-                client=client,
+            add(
+                ServerRun("direct", "(a) upstream direct", note="nginx upstream; shares core 0 with wrk"),
+                upstream,
+                "",
+                False,
             )
-            self.command(f"BENCH_BARE_TOKENS=$TOKEN=bench {bare.proc.command}")
-            try:
-                self.sanity(bare.url, sqlite_setup.token, expect_user=True)
-                self.measure_server(bare_run, bare, bare.proc.pid, sqlite_setup.token)
-            finally:
-                self.procs.stop(bare.proc)
+            proxy = start_nginx_proxy(self.procs, self.work, SUT_CPUS, self.upstream_port)
+            started.append(proxy)
+            self.command(proxy.proc.command)
+            self.results.configs["nginx-proxy.conf"] = (self.work / "nginx-proxy.conf").read_text()
+            add(ServerRun("nginx", "(b) nginx reverse proxy"), proxy, "", False)
+            for store, key in (("sqlite", "gw-sqlite"), ("postgresql", "gw-pg")):
+                run = ServerRun(key, f"(c) gateway, {'SQLite' if store == 'sqlite' else 'PostgreSQL'} store")
+                setup = self.setup(store)
+                if setup is None:
+                    run.note = "not measured: PostgreSQL unreachable"
+                    results.runs[key] = run
+                    continue
+                gateway = start_gateway(self.procs, setup, SUT_CPUS, key)
+                started.append(gateway)
+                self.command(shown(gateway.proc.argv, setup.token) + f"  2> {gateway.proc.log_path.name}")
+                add(run, gateway, setup.token, True)
+            sqlite_setup = self.setup("sqlite")
+            assert sqlite_setup is not None
+            for key, label, client in (
+                ("bare", "(d) bare aiohttp proxy", "aiohttp"),
+                ("bare-lean", "(e) bare proxy on the gateway's upstream client", "gateway"),
+            ):
+                bare = start_bare_proxy(
+                    self.procs,
+                    SUT_CPUS,
+                    f"http://{LOOPBACK}:{self.upstream_port}",
+                    sqlite_setup.token,
+                    client=client,
+                )
+                started.append(bare)
+                self.command(f"BENCH_BARE_TOKENS=$TOKEN=bench {bare.proc.command}")
+                add(ServerRun(key, label), bare, sqlite_setup.token, True)
+            for round_no in range(self.options.rounds):
+                for run, server, token in measured:
+                    self.measure_round(run, server, server.proc.pid, token, round_no=round_no)
+            for run, _, _ in measured:
+                run.settle_medians()
+        finally:
+            for server in started:
+                self.procs.stop(server.proc)
 
         self.workers(sqlite_setup)
         self.procs.stop(upstream.proc)
@@ -430,6 +456,9 @@ class Bench:
             options = self.options
             wait_until_quiet(QUIET, options.settle)
             run_wrk(url, connections=options.connections, duration=options.warmup, token=setup.token)
+            workers = child_pids(proc.pid)
+            before = {pid: cpu_ticks(pid) for pid in workers}
+            started = time.monotonic()
             result = run_wrk(
                 url,
                 connections=options.connections,
@@ -438,10 +467,17 @@ class Bench:
                 cpus=LOAD_CPUS,
                 server_pid=proc.pid,
             )
+            elapsed = time.monotonic() - started
+            hz = os.sysconf("SC_CLK_TCK")
+            shares = [
+                f"worker {index}: {(cpu_ticks(pid) - before[pid]) / hz / elapsed * 100:.0f} % of a core"
+                for index, pid in enumerate(workers)
+            ]
             results.workers2_run = result
             results.workers2 = (
                 "measured unpinned (the workers may use both cores, so they share core 0 with wrk and "
-                "the upstream); CPU µs/req is that of the whole process tree"
+                "the upstream); CPU µs/req is that of the whole process tree; per worker over the run: "
+                + ", ".join(shares)
             )
             log(f"--workers 2: {result.rps:,.0f} req/s, p99 {result.lat_p99_ms:.2f} ms")
         finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, ClientTimeout
 from aiohttp.test_utils import TestClient
 
 from gateway.app import Gateway
@@ -194,6 +194,8 @@ class Proxy:
     headers: dict[str, str] = field(default_factory=dict)
 
     async def request(self, method: str, path: str, **kwargs: Any) -> ClientResponse:
+        # Bounded, so a gateway that never answers fails the test instead of hanging it.
+        kwargs.setdefault("timeout", ClientTimeout(total=5))
         return await self.client.request(method, path, headers=self.headers, **kwargs)
 
 
