@@ -72,7 +72,7 @@ async def handle_lean(request: web.Request) -> web.StreamResponse:
     headers["X-Service-User"] = user
     client = request.app[LEAN]
     upstream = await client.send(
-        client.pool_for(request.app[UPSTREAM], 100),
+        client.pool_for("bare", request.app[UPSTREAM], 100),
         request.method,
         request.raw_path,
         headers,

@@ -59,7 +59,7 @@ class Forwarder:
         """Forward `request` to `route`'s upstream at `upstream_path` (already encoded)."""
         target = upstream_path + "?" + query if query else upstream_path
         body, length = _request_body(request, body_limit)
-        pool = self._client.pool_for(route.upstream, route.max_connections)
+        pool = self._client.pool_for(route.name, route.upstream, route.max_connections)
         sent = time.perf_counter()
         upstream = await self._client.send(
             pool,

@@ -171,6 +171,11 @@ class ConnectionPool:
                 await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
                 continue
+            except BaseException:
+                # Woken, then cancelled before taking the slot: hand the wake-up on.
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -253,17 +258,17 @@ class ConnectionPool:
 
 
 class UpstreamClient:
-    """Pools by (upstream, max_connections), and the request/response exchange on them.
+    """Pools by (route, upstream, max_connections), and the request/response exchange on them.
 
     Separate pools per route keep a route full of long downloads from starving the others.
     """
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, int], ConnectionPool] = {}
+        self._pools: dict[tuple[str, str, int], ConnectionPool] = {}
 
-    def pool_for(self, upstream: str, max_connections: int) -> ConnectionPool:
-        """The pool for this upstream URL and size (created on first use)."""
-        key = (upstream, max_connections)
+    def pool_for(self, route: str, upstream: str, max_connections: int) -> ConnectionPool:
+        """The pool of `route` for this upstream URL and size (created on first use)."""
+        key = (route, upstream, max_connections)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = ConnectionPool(Endpoint.parse(upstream), max_connections)

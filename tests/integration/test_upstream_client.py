@@ -350,6 +350,27 @@ async def test_chunked_response_relayed_intact(tmp_path: Path) -> None:
         assert upstream.connections == 1  # the chunked framing ended cleanly: connection reused
 
 
+UNSOLICITED = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+async def then_unsolicited_408(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
+    writer.write(ok(exchange.target.encode()))
+    if exchange.connection == 1:
+        # What some servers send on an idle keep-alive connection before closing it.
+        asyncio.get_running_loop().call_later(0.1, writer.write, UNSOLICITED)
+    return True
+
+
+async def test_unsolicited_response_on_idle_connection_is_not_taken_for_the_next(tmp_path: Path) -> None:
+    async with running(tmp_path, then_unsolicited_408) as (upstream, proxy):
+        first = await proxy.request("GET", "/echo/first")
+        assert (first.status, await first.read()) == (200, b"/echo/first")
+        await asyncio.sleep(0.3)  # the 408 is in the idle pooled connection by now
+        second = await proxy.request("GET", "/echo/second")
+        assert (second.status, await second.read()) == (200, b"/echo/second")
+        assert [exchange.connection for exchange in upstream.exchanges] == [1, 2]
+
+
 # 5. A chunked request body: streamed chunked, and counted against max_body.
 
 
