@@ -3,8 +3,11 @@
 Imports: app, admin, config, errors, logs.
 
 With `--workers N` the parent validates the configuration and migrates the store
-once, binds the listening sockets, then forks the workers, which share those sockets
-(the kernel hands each new connection to one of them). Each worker has its own
+once, binds one proxy socket per worker with SO_REUSEPORT (the kernel spreads new
+connections evenly over them by address hash; a single shared socket let one worker
+take most of a burst of connections), then forks the workers. The parent keeps every
+socket open, so connections queued on a dead worker's socket wait for its restart
+instead of being refused. Each worker has its own
 identity cache and polls the change feed, so revocation behaves the same in all of
 them. The parent forwards SIGHUP only after it validated the new version itself (a
 bad version is refused once, and every worker keeps the old one), forwards SIGTERM and
@@ -38,13 +41,15 @@ from gateway.store import open_store
 log = logging.getLogger("gateway.server")
 
 
-def bind(address: Address) -> socket.socket:
+def bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket on `address` (IPv4 or IPv6), ready to share with workers."""
     host, port = address
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(sockaddr)
     except OSError as exc:
@@ -123,20 +128,38 @@ def serve(config: Config, workers: int = 1) -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    proxy = bind(config.proxy_listen)
+    proxies = _bind_proxies(config.proxy_listen, workers)
     admin = bind(config.admin_listen)
     try:
         if workers == 1:
-            asyncio.run(run_worker(config, proxy, admin))
+            asyncio.run(run_worker(config, proxies[0], admin))
         else:
             asyncio.run(_prepare_store(config))
-            Supervisor(config, workers, proxy, admin).run()
+            Supervisor(config, proxies, admin).run()
     except StoreUnavailable as error:
         shown = make_url(config.store_url).render_as_string(hide_password=True)
         raise ConfigError([f"store: {error.message} ({shown})"]) from error
     finally:
-        proxy.close()
+        for sock in proxies:
+            sock.close()
         admin.close()
+
+
+def _bind_proxies(address: Address, workers: int) -> list[socket.socket]:
+    """One proxy socket, or one SO_REUSEPORT socket per worker on the same port."""
+    if workers == 1:
+        return [bind(address)]
+    first = bind(address, reuse_port=True)
+    socks = [first]
+    try:
+        port = first.getsockname()[1]  # the real port when the configuration asked for 0
+        for _ in range(workers - 1):
+            socks.append(bind((address[0], port), reuse_port=True))
+    except ConfigError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 async def _prepare_store(config: Config) -> None:
@@ -148,10 +171,10 @@ async def _prepare_store(config: Config) -> None:
 class Supervisor:
     """The parent of N workers: forks, forwards signals, restarts the dead."""
 
-    def __init__(self, config: Config, workers: int, proxy: socket.socket, admin: socket.socket) -> None:
+    def __init__(self, config: Config, proxies: list[socket.socket], admin: socket.socket) -> None:
         self._config = config
-        self._count = workers
-        self._proxy = proxy
+        self._count = len(proxies)
+        self._proxies = proxies
         self._admin = admin
         self._children: dict[int, int] = {}  # pid -> worker index
         self._stopping = False
@@ -193,7 +216,9 @@ class Supervisor:
         try:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            asyncio.run(run_worker(self._config, self._proxy, self._admin if index == 0 else None, index))
+            asyncio.run(
+                run_worker(self._config, self._proxies[index], self._admin if index == 0 else None, index)
+            )
         except BaseException:  # a worker must never return into the parent's loop
             log.exception("worker failed", extra={"worker": index})
             code = 1
