@@ -160,6 +160,8 @@ class Gateway:
             if old != new:
                 log.warning("%s changed: it takes effect only after a restart", what)
         self.pipeline.settings = settings
+        # A request still on the old version reopens its pool; it closes on the next reload.
+        self.upstreams.retain({(r.name, r.upstream, r.max_connections) for r in config.routes})
         log.info("configuration reloaded", extra={"routes": len(config.routes)})
         return True
 

@@ -17,7 +17,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -340,6 +340,11 @@ class UpstreamClient:
                     writer.cancel()
                 raise
             return UpstreamResponse(message, payload, protocol, pool, writer)
+
+    def retain(self, keys: Collection[tuple[str, str, int]]) -> None:
+        """Close the pools whose (route, upstream, max_connections) a reload removed or changed."""
+        for key in [key for key in self._pools if key not in keys]:
+            self._pools.pop(key).close()
 
     async def close(self) -> None:
         """Close every pool (at shutdown)."""

@@ -641,3 +641,41 @@ async def test_upstream_resetting_at_accept_is_502(tmp_path: Path) -> None:
         assert time.monotonic() - started < 2.0
         assert upstream.connections == 2  # a fresh connection each, not retried
         assert upstream.exchanges == []
+
+
+# Reload: a route whose upstream pool changed lets go of its old connections.
+
+
+async def keep_alive_ok(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
+    writer.write(ok(b"fine"))
+    return True
+
+
+async def test_reload_closes_the_pools_of_changed_routes(tmp_path: Path) -> None:
+    upstream = RawUpstream(keep_alive_ok)
+    await upstream.start()
+    config_path = write_gateway_config(tmp_path, upstream.port)
+    gateway = await Gateway.open(load_config(config_path, env={}))
+    try:
+        await gateway.directory.create_user("svc", actor="test", roles=["writer"])
+        _, token = await gateway.directory.create_token("svc", "t", actor="test")
+        async with TestClient(proxy_test_server(gateway)) as client:
+            proxy = Proxy(client, {"Authorization": f"Bearer {token}"})
+            for path in ("/echo/a", "/other/a"):
+                response = await proxy.request("GET", path)
+                assert (response.status, await response.read()) == (200, b"fine")
+            await until(lambda: upstream.open_now == 2)  # one pooled connection per route
+            # An unchanged reload keeps the pools and their connections.
+            assert gateway.reload()
+            await asyncio.sleep(0.2)
+            assert (upstream.open_now, upstream.finished) == (2, 0)
+            # Both routes' pool size changed: their old connections are closed.
+            write_gateway_config(tmp_path, upstream.port, max_connections=7)
+            assert gateway.reload()
+            await until(lambda: upstream.open_now == 0 and upstream.finished == 2)
+            response = await proxy.request("GET", "/echo/b")
+            assert (response.status, await response.read()) == (200, b"fine")
+            assert upstream.connections == 3
+    finally:
+        await gateway.close()
+        await upstream.stop()
