@@ -42,7 +42,7 @@ from gateway.logs import write_access
 from gateway.metrics import Metrics
 from gateway.paths import canonicalize, split_target
 from gateway.policy import RoutePolicy, RouteTable, Rule
-from gateway.proxy import Forwarder, Outcome
+from gateway.proxy import Forwarder, Outcome, refuse_oversized
 from gateway.store import Principal
 
 log = logging.getLogger("gateway.pipeline")
@@ -126,8 +126,10 @@ class Pipeline:
             upstream_path = encoded
             if config.strip_prefix:
                 upstream_path = _strip_prefix(encoded, config.prefix)
+            body_limit = config.max_body or settings.config.max_body
+            refuse_oversized(request, body_limit)
             if request.headers.get("Expect", "").lower() == "100-continue" and request.writer is not None:
-                # Only now, after authorisation, may the client start sending its body.
+                # Only now, after authorisation and the length check, may the client send its body.
                 await request.writer.write(_CONTINUE)
             response = await self._forwarder.forward(
                 request,
@@ -135,7 +137,7 @@ class Pipeline:
                 upstream_path=upstream_path,
                 query=query,
                 headers=headers,
-                body_limit=config.max_body or settings.config.max_body,
+                body_limit=body_limit,
                 cors_headers=cors.response_headers(origin) if cors is not None else None,
                 request_id=request_id,
                 outcome=outcome,

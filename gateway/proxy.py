@@ -124,12 +124,17 @@ def _abort(request: web.BaseRequest) -> None:
         transport.close()
 
 
+def refuse_oversized(request: web.BaseRequest, limit: int) -> None:
+    """Raise PayloadTooLarge when the declared Content-Length is over `limit` (before any 100 Continue)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes is larger than the limit of {limit}")
+
+
 def _request_body(request: web.BaseRequest, limit: int) -> tuple[StreamReader | None, int | None]:
     """The client's body and its length (None: unknown, sent chunked and counted against `limit`)."""
     if not request.body_exists:
         return None, None
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes is larger than the limit of {limit}")
+    refuse_oversized(request, limit)
     # With a length, the HTTP parser already holds the client to exactly that many bytes.
-    return request.content, length
+    return request.content, request.content_length

@@ -14,6 +14,7 @@ back-pressure. bench/RESULTS.md has the before and after.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from aiohttp import ClientError, ServerDisconnectedError
+from aiohttp import ClientError, ServerDisconnectedError, SocketTimeoutError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
@@ -35,6 +36,8 @@ _KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # aiohttp's client sent Content-Length: 0 for these when there is no body; some upstreams want it.
 _LENGTH_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_DISCONNECTS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,29 +66,40 @@ class Endpoint:
 
 
 class Connection(ResponseHandler):
-    """aiohttp's response protocol, remembering what its parser was last set up for.
+    """aiohttp's response protocol, told when a request is in flight.
 
-    aiohttp builds a new parser for every request; a keep-alive connection asking the
-    same (HEAD or not, timeout) again reuses its parser, which is ready for the next
-    message once the last one is complete, as on aiohttp's own server connections.
+    Bytes from the upstream while no request is in flight can only be a stray or
+    desynchronised answer: the connection is closed rather than ever handing them to
+    the next request. Each request gets a fresh parser (as aiohttp's client does), so
+    no leftover of one response can begin the next.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
-        self.parser_for: tuple[bool, float] | None = None
+        self.in_flight = False
 
     def prepare(self, head_only: bool, timeout: float) -> None:
-        """Set up the response parser for one request."""
-        wanted = (head_only, timeout)
-        if self.parser_for != wanted:
-            self.set_response_params(
-                skip_payload=head_only,
-                read_until_eof=True,
-                auto_decompress=False,
-                read_timeout=timeout,
-                read_bufsize=_READ_BUFSIZE,
-            )
-            self.parser_for = wanted
+        """Set up a fresh response parser for one request."""
+        self.in_flight = True
+        self.set_response_params(
+            skip_payload=head_only,
+            read_until_eof=True,
+            auto_decompress=False,
+            read_timeout=timeout,
+            read_bufsize=_READ_BUFSIZE,
+        )
+
+    def idle(self) -> None:
+        """The exchange is over: no read timer may outlive it, and no byte is expected."""
+        self.in_flight = False
+        self._drop_timeout()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_flight and data:
+            self.force_close()
+            self.close()
+            return
+        super().data_received(data)
 
 
 class UpstreamResponse:
@@ -142,6 +156,7 @@ class ConnectionPool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
+        self._retired = False  # replaced by a reload: serves its waiters, keeps nothing idle
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if endpoint.tls else None
 
     async def acquire(self, *, fresh: bool, timeout: float) -> tuple[Connection, bool]:
@@ -162,8 +177,7 @@ class ConnectionPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise UpstreamTimeout(
-                    f"no upstream connection became free within {timeout:g}s "
-                    f"(max_connections: {self._limit})"
+                    f"no upstream connection became free within {timeout:g}s (max_connections: {self._limit})"
                 )
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -214,7 +228,14 @@ class ConnectionPool:
 
     def release(self, protocol: Connection, *, reusable: bool) -> None:
         """Return `protocol` to the idle list, or close it when it cannot carry another request."""
-        if reusable and not self._closed and protocol.is_connected() and not protocol.should_close:
+        if (
+            reusable
+            and not self._closed
+            and not self._retired
+            and protocol.is_connected()
+            and not protocol.should_close
+        ):
+            protocol.idle()
             self._idle.append((protocol, time.monotonic()))
             if self._expiry is None:
                 self._expiry = asyncio.get_running_loop().call_later(_KEEPALIVE, self._expire)
@@ -243,6 +264,12 @@ class ConnectionPool:
         if idle:
             delay = idle[0][1] + _KEEPALIVE - time.monotonic()
             self._expiry = asyncio.get_running_loop().call_later(max(delay, 0.1), self._expire)
+
+    def retire(self) -> None:
+        """Stop keeping connections (a reload replaced this pool); requests waiting still go on."""
+        self._retired = True
+        while self._idle:
+            self._discard(self._idle.pop()[0])
 
     def close(self) -> None:
         """Close every idle connection; busy ones close when released."""
@@ -293,7 +320,9 @@ class UpstreamClient:
         connection the upstream closed in the meantime is retried once on a new one for
         idempotent requests without a body, as every HTTP client does.
         """
-        head = _request_head(method, pool.endpoint, target, headers, body is not None and length is None)
+        head = _request_head(
+            method, pool.endpoint, target, headers, None if body is None else length, body is not None
+        )
         retry = body is None and method in _IDEMPOTENT
         protocol, reused = await pool.acquire(fresh=False, timeout=timeout)
         while True:
@@ -309,19 +338,9 @@ class UpstreamClient:
                 protocol.start_timeout()
             else:
                 counter = _BodyCounter(body_limit if length is None else None)
-                writer = asyncio.create_task(_write_body(protocol, body, length is None, counter))
+                writer = asyncio.create_task(_write_body(protocol, body, length is None, counter, timeout))
             try:
-                message, payload = await _read_head(protocol)
-            except (ServerDisconnectedError, ConnectionResetError) as exc:
-                pool.release(protocol, reusable=False)
-                if writer is not None:
-                    writer.cancel()
-                if reused and retry:
-                    retry = False
-                    protocol, reused = await pool.acquire(fresh=True, timeout=timeout)
-                    continue
-                _raise_body_error(counter)
-                raise UpstreamError("upstream refused or broke the connection") from exc
+                message, payload = await _read_head(protocol, writer)
             except TimeoutError as exc:
                 pool.release(protocol, reusable=False)
                 if writer is not None:
@@ -332,6 +351,10 @@ class UpstreamClient:
                 pool.release(protocol, reusable=False)
                 if writer is not None:
                     writer.cancel()
+                if reused and retry and _is_disconnect(exc):
+                    retry = False
+                    protocol, reused = await pool.acquire(fresh=True, timeout=timeout)
+                    continue
                 _raise_body_error(counter)
                 raise UpstreamError("upstream refused or broke the connection") from exc
             except BaseException:
@@ -344,7 +367,7 @@ class UpstreamClient:
     def retain(self, keys: Collection[tuple[str, str, int]]) -> None:
         """Close the pools whose (route, upstream, max_connections) a reload removed or changed."""
         for key in [key for key in self._pools if key not in keys]:
-            self._pools.pop(key).close()
+            self._pools.pop(key).retire()
 
     async def close(self) -> None:
         """Close every pool (at shutdown)."""
@@ -354,12 +377,28 @@ class UpstreamClient:
             pool.close()
 
 
-async def _read_head(protocol: Connection) -> tuple[RawResponseMessage, StreamReader]:
+async def _read_head(
+    protocol: Connection, writer: asyncio.Task[None] | None
+) -> tuple[RawResponseMessage, StreamReader]:
     while True:
         message, payload = await protocol.read()
-        # 1xx are interim (103 Early Hints and the like); 101 is never asked for (Upgrade is stripped).
         if not 100 <= message.code <= 199:
             return message, payload
+        if message.code == 101:
+            # Never asked for (Upgrade is stripped): the connection is no longer HTTP.
+            raise HttpProcessingError(message="the upstream switched protocols unasked")
+        # 1xx are interim (103 Early Hints and the like). aiohttp stops the read timer at
+        # each bodiless message; the wait for the final answer is bounded again here, or
+        # by the body writer once it has sent everything.
+        if writer is None or writer.done():
+            protocol.start_timeout()
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    """A reused connection the upstream had closed or reset (the keep-alive race)."""
+    if isinstance(exc, ServerDisconnectedError | ConnectionResetError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _DISCONNECTS
 
 
 class _BodyCounter:
@@ -379,10 +418,15 @@ def _raise_body_error(counter: _BodyCounter | None) -> None:
 
 
 async def _write_body(
-    protocol: Connection, body: StreamReader, chunked: bool, counter: _BodyCounter
+    protocol: Connection, body: StreamReader, chunked: bool, counter: _BodyCounter, timeout: float
 ) -> None:
-    """Stream the client's body upstream with back-pressure; start the read timeout after it."""
+    """Stream the client's body upstream with back-pressure; start the read timeout after it.
+
+    An upstream that stops reading the body for `timeout` seconds gets the same
+    treatment as one that stops answering: the connection is cut and the request is a 504.
+    """
     limit = counter.limit
+    loop = asyncio.get_running_loop()
     try:
         while True:
             chunk = await body.readany()
@@ -403,28 +447,54 @@ async def _write_body(
             else:
                 transport.write(chunk)
             if protocol.writing_paused:
-                await protocol._drain_helper()
+                stall = loop.call_later(timeout, _stalled, protocol)
+                try:
+                    await protocol._drain_helper()
+                finally:
+                    stall.cancel()
         if chunked and protocol.transport is not None:
             protocol.transport.write(b"0\r\n\r\n")
-        protocol.start_timeout()
-    except (ClientError, OSError, HttpProcessingError) as exc:
+        if protocol.in_flight:
+            protocol.start_timeout()
+    except Exception as exc:  # noqa: BLE001 - whatever broke the body, the exchange must end
         # The client broke off or sent a malformed chunked body, or the upstream went away.
+        if protocol.exception() is None:
+            protocol.set_exception(ServerDisconnectedError(f"request body not sent: {type(exc).__name__}"))
         protocol.abort()
-        protocol.set_exception(ServerDisconnectedError(f"request body not sent: {type(exc).__name__}"))
+
+
+def _stalled(protocol: Connection) -> None:
+    protocol.set_exception(SocketTimeoutError("the upstream stopped reading the request body"))
+    protocol.abort()
 
 
 def _request_head(
-    method: str, endpoint: Endpoint, target: str, headers: Mapping[str, str], chunked: bool
+    method: str,
+    endpoint: Endpoint,
+    target: str,
+    headers: Mapping[str, str],
+    length: int | None,
+    has_body: bool,
 ) -> bytes:
-    """The request line and headers, ready for the socket; refuses line breaks in any value."""
+    """The request line and headers, ready for the socket; refuses line breaks in any value.
+
+    The framing is ours alone: any Content-Length or Transfer-Encoding in `headers` is
+    dropped and the one matching the body we send is written, so nothing a client does to
+    its headers (naming Content-Length in `Connection:`, say) can make the upstream read
+    the body as a second request.
+    """
     lines = [f"{method} {endpoint.base_path}{target} HTTP/1.1\r\n"]
     if "Host" not in headers:
         lines.append(f"Host: {endpoint.host_header}\r\n")
     for name, value in headers.items():
+        if name.lower() in _FRAMING:
+            continue
         lines.append(f"{name}: {value}\r\n")
-    if chunked:
+    if length is not None:
+        lines.append(f"Content-Length: {length}\r\n")
+    elif has_body:
         lines.append("Transfer-Encoding: chunked\r\n")
-    elif method in _LENGTH_REQUIRED and "Content-Length" not in headers:
+    elif method in _LENGTH_REQUIRED:
         lines.append("Content-Length: 0\r\n")
     lines.append("\r\n")
     text = "".join(lines)
