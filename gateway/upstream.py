@@ -56,11 +56,15 @@ class Endpoint:
         parts = urlsplit(upstream)
         tls = parts.scheme == "https"
         host = parts.hostname or ""
+        default = 443 if tls else 80
+        host_header = parts.netloc
+        if parts.port == default:  # as browsers and aiohttp send it: no default port in Host
+            host_header = f"[{host}]" if ":" in host else host
         return cls(
             host=host,
-            port=parts.port or (443 if tls else 80),
+            port=parts.port or default,
             tls=tls,
-            host_header=parts.netloc,
+            host_header=host_header,
             base_path=parts.path,
         )
 
