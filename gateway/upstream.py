@@ -81,10 +81,15 @@ class Connection(ResponseHandler):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.in_flight = False
+        # Until the answer's head is in, the read timer is ours to start (after the body);
+        # from then on aiohttp's protocol runs it (restarted per chunk, stopped while the
+        # client is slow to take the body, stopped at its end).
+        self.awaiting_head = False
 
     def prepare(self, head_only: bool, timeout: float) -> None:
         """Set up a fresh response parser for one request."""
         self.in_flight = True
+        self.awaiting_head = True
         self.set_response_params(
             skip_payload=head_only,
             read_until_eof=True,
@@ -96,6 +101,7 @@ class Connection(ResponseHandler):
     def idle(self) -> None:
         """The exchange is over: no read timer may outlive it, and no byte is expected."""
         self.in_flight = False
+        self.awaiting_head = False
         self._drop_timeout()
 
     def data_received(self, data: bytes) -> None:
@@ -366,6 +372,7 @@ class UpstreamClient:
                 if writer is not None:
                     writer.cancel()
                 raise
+            protocol.awaiting_head = False
             return UpstreamResponse(message, payload, protocol, pool, writer)
 
     def retain(self, keys: Collection[tuple[str, str, int]]) -> None:
@@ -458,7 +465,7 @@ async def _write_body(
                     stall.cancel()
         if chunked and protocol.transport is not None:
             protocol.transport.write(b"0\r\n\r\n")
-        if protocol.in_flight:
+        if protocol.awaiting_head:
             protocol.start_timeout()
     except Exception as exc:  # noqa: BLE001 - whatever broke the body, the exchange must end
         # The client broke off or sent a malformed chunked body, or the upstream went away.
