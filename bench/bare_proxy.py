@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.upstream import UpstreamClient
 
@@ -66,9 +67,9 @@ async def handle_lean(request: web.Request) -> web.StreamResponse:
     user = request.app[TOKENS].get(secret) if scheme == "Bearer" else None
     if user is None:
         return web.json_response({"error": "invalid_token"}, status=401)
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers.pop("Host", None)
-    headers.pop("Authorization", None)
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
+    headers.popall("Host", None)
+    headers.popall("Authorization", None)
     headers["X-Service-User"] = user
     client = request.app[LEAN]
     upstream = await client.send(

@@ -489,7 +489,7 @@ def _request_head(
 ) -> bytes:
     """The request line and headers, ready for the socket; refuses line breaks in any value.
 
-    The framing is ours alone: any Content-Length or Transfer-Encoding in `headers` is
+    `headers` is case-insensitive (a CIMultiDict). The framing is ours alone: any Content-Length or Transfer-Encoding in `headers` is
     dropped and the one matching the body we send is written, so nothing a client does to
     its headers (naming Content-Length in `Connection:`, say) can make the upstream read
     the body as a second request.
@@ -497,10 +497,10 @@ def _request_head(
     lines = [f"{method} {endpoint.base_path}{target} HTTP/1.1\r\n"]
     if "Host" not in headers:
         lines.append(f"Host: {endpoint.host_header}\r\n")
-    for name, value in headers.items():
-        if name.lower() in _FRAMING:
-            continue
-        lines.append(f"{name}: {value}\r\n")
+    if "Content-Length" in headers or "Transfer-Encoding" in headers:
+        lines.extend(f"{n}: {v}\r\n" for n, v in headers.items() if n.lower() not in _FRAMING)
+    else:  # the usual case: no framing header to drop, no per-name check
+        lines.extend(f"{n}: {v}\r\n" for n, v in headers.items())
     if length is not None:
         lines.append(f"Content-Length: {length}\r\n")
     elif has_body:
