@@ -489,10 +489,11 @@ def _request_head(
 ) -> bytes:
     """The request line and headers, ready for the socket; refuses line breaks in any value.
 
-    `headers` is case-insensitive (a CIMultiDict). The framing is ours alone: any Content-Length or Transfer-Encoding in `headers` is
-    dropped and the one matching the body we send is written, so nothing a client does to
-    its headers (naming Content-Length in `Connection:`, say) can make the upstream read
-    the body as a second request.
+    `headers` is case-insensitive (a CIMultiDict). The framing is ours alone: any
+    Content-Length or Transfer-Encoding in `headers` is dropped and the one matching the
+    body we send is written, so nothing a client does to its headers (naming
+    Content-Length in `Connection:`, say) can make the upstream read the body as a
+    second request.
     """
     lines = [f"{method} {endpoint.base_path}{target} HTTP/1.1\r\n"]
     if "Host" not in headers:
