@@ -172,11 +172,8 @@ class ConnectionPool:
     async def acquire(self, *, fresh: bool, timeout: float) -> tuple[Connection, bool]:
         """A connection and whether it was reused from the pool; waits while `limit` are busy."""
         idle = self._idle
-        while idle and not fresh:
-            protocol, _ = idle.pop()  # the most recently used: least likely to have timed out
-            if protocol.is_connected() and not protocol.should_close:
-                return protocol, True
-            self._discard(protocol)
+        if not fresh and (reused := self._take_idle()) is not None:
+            return reused, True
         if fresh and idle:
             # A retry wants a new connection: make room by closing the oldest idle one.
             self._discard(idle.popleft()[0])
@@ -203,11 +200,8 @@ class ConnectionPool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            if idle and not fresh:
-                protocol, _ = idle.pop()
-                if protocol.is_connected() and not protocol.should_close:
-                    return protocol, True
-                self._discard(protocol)
+            if not fresh and (reused := self._take_idle()) is not None:
+                return reused, True
         self._open += 1
         try:
             return await self._connect(min(timeout, 10.0)), False
@@ -215,6 +209,16 @@ class ConnectionPool:
             self._open -= 1
             self._wake()
             raise
+
+    def _take_idle(self) -> Connection | None:
+        """The most recently used idle connection still fit for a request (the dead are discarded)."""
+        idle = self._idle
+        while idle:
+            protocol, _ = idle.pop()  # the most recently used: least likely to have timed out
+            if protocol.is_connected() and not protocol.should_close:
+                return protocol
+            self._discard(protocol)
+        return None
 
     async def _connect(self, timeout: float) -> Connection:
         loop = asyncio.get_running_loop()
