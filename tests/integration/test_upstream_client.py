@@ -48,18 +48,13 @@ class Exchange:
 Responder = Callable[[Exchange, asyncio.StreamWriter], Awaitable[bool]]
 
 
-class RawUpstream:
-    """An HTTP/1.1 upstream answering with hand-written bytes; `respond` returns keep-alive or not."""
+class LoopbackUpstream:
+    """A raw upstream on 127.0.0.1: start/stop and the connection handlers to cancel at stop."""
 
-    def __init__(self, respond: Responder) -> None:
-        self.respond = respond
+    def __init__(self) -> None:
         self.connections = 0
-        self.open_now = 0
-        self.max_open = 0
-        self.finished = 0  # connections whose handler has ended
         self.exchanges: list[Exchange] = []
         self.port = 0
-        self.hang_up_on_accept = False  # reset the connection before reading a byte
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -73,6 +68,21 @@ class RawUpstream:
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class RawUpstream(LoopbackUpstream):
+    """An HTTP/1.1 upstream answering with hand-written bytes; `respond` returns keep-alive or not."""
+
+    def __init__(self, respond: Responder) -> None:
+        super().__init__()
+        self.respond = respond
+        self.open_now = 0
+        self.max_open = 0
+        self.finished = 0  # connections whose handler has ended
+        self.hang_up_on_accept = False  # reset the connection before reading a byte
 
     @property
     def lines(self) -> list[str]:

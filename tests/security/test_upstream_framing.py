@@ -30,6 +30,7 @@ from tests.conftest import proxy_test_server
 from tests.integration.test_upstream_client import (
     POLICIES,
     Exchange,
+    LoopbackUpstream,
     Proxy,
     RawUpstream,
     Responder,
@@ -190,27 +191,9 @@ async def test_surplus_response_bytes_never_answer_the_next_request(tmp_path: Pa
 BIG = b"b" * (512 * 1024)
 
 
-class EarlyAnswerUpstream:
+class EarlyAnswerUpstream(LoopbackUpstream):
     """Answers /echo/early in full as soon as its head is in, and only then reads its body;
     any other request after reading its body ("received N")."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.exchanges: list[Exchange] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
