@@ -3,10 +3,12 @@
 Imports: config, errors, yamlfile. Reads YAML only in `load_route_table`; everything
 else is pure and runs on every request, so lookups are precomputed at load time.
 
-Owns the policy language of CONTRACT.md: roles (permissions plus `includes`),
+Owns the policy language (README "Policies reference"): roles (permissions plus `includes`),
 ordered rules per route (first match decides), path globs on the canonical path
 (``*`` = one whole segment, ``**`` = any depth including none), and permission
-wildcards (``*``, ``orders:*``). Loading refuses, with every problem as
+wildcards (``*``, ``orders:*``). A glob decides in time linear in the path, whatever its
+shape: no backtracking regex sees a glob with two or more ``**`` (see `_GlobNfa`), since
+rules are tested before authentication. Loading refuses, with every problem as
 "file:line: what is wrong", anything that would make the table mean something else
 than it says: undefined roles or routes, include cycles, duplicates, bad globs,
 and rules shadowed by an earlier rule (they could never decide anything). Globs that
@@ -17,9 +19,10 @@ A RouteTable is immutable; a reload builds a new one and swaps the reference.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import islice
 from pathlib import Path
 from types import MappingProxyType
 
@@ -65,7 +68,15 @@ def parse_glob(glob: str) -> tuple[str, ...]:
     return segments
 
 
+def _collapse(tokens: tuple[str, ...]) -> tuple[str, ...]:
+    # "**/**" means what "**" means; as a regex it would nest two stars (polynomial backtracking).
+    return tuple(t for i, t in enumerate(tokens) if not (t == DSTAR and i > 0 and tokens[i - 1] == DSTAR))
+
+
 def _glob_regex(tokens: tuple[str, ...]) -> str:
+    # Only for globs with at most one "**" (the others go to `_GlobNfa`): a failing match then
+    # backtracks over that one star alone, O(len(path) × tokens after it); each further "**"
+    # would multiply by len(path) again (seconds of event loop for a 2 KB path).
     parts = []
     for token in tokens:
         if token == DSTAR:
@@ -75,6 +86,67 @@ def _glob_regex(tokens: tuple[str, ...]) -> str:
         else:
             parts.append("/" + re.escape(token))
     return "".join(parts)
+
+
+class _GlobNfa:
+    """A glob with two or more "**", run over the path's segments in one pass: O(segments).
+
+    A regex would backtrack polynomially in the path length (one factor per "**"); here the
+    set of glob positions still alive is a bit set, and "**" is a position that stays alive
+    on any segment and also lets the next position start (an epsilon move).
+    """
+
+    __slots__ = ("_accepts", "_star", "_dstar", "_start", "_accept")
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        star = dstar = 0
+        literal: dict[str, int] = {"": 0}  # "" is never a "*" segment, so it needs its own entry
+        for index, token in enumerate(tokens):
+            bit = 1 << index
+            if token == DSTAR:
+                dstar |= bit
+            elif token == STAR:
+                star |= bit
+            else:
+                literal[token] = literal.get(token, 0) | bit
+        # Segment text → the positions that step over it; any other segment: the "*" positions.
+        self._accepts = {text: bits | (star if text else 0) for text, bits in literal.items()}
+        self._star, self._dstar = star, dstar
+        self._start = 1 | (1 & dstar) << 1
+        self._accept = 1 << len(tokens)
+
+    def match(self, segments: list[str]) -> bool:
+        """Whether `path.split("/")` matches: segments[0] is the "" before the leading "/"."""
+        if segments[0]:
+            return False
+        accepts, star, dstar = self._accepts.get, self._star, self._dstar
+        state = self._start
+        for segment in islice(segments, 1, None):
+            state = (state & accepts(segment, star)) << 1 | state & dstar
+            # One epsilon step suffices: tokens are collapsed, so no "**" follows a "**".
+            state |= (state & dstar) << 1
+            if not state:
+                return False
+        return state & self._accept != 0
+
+
+def _never(path: str) -> bool:
+    """The text test of a rule whose globs all need `_GlobNfa`."""
+    return False
+
+
+def _text_matcher(globs: list[tuple[str, ...]]) -> Callable[[str], object]:
+    """A fast test on the path string for globs with at most one "**": truthy if one matches."""
+    if not globs:
+        return _never
+    if len(globs) == 1 and globs[0][-1:] == (DSTAR,) and all(t not in (STAR, DSTAR) for t in globs[0][:-1]):
+        # "/orders/**", the most common shape: a prefix check on a segment boundary beats the regex.
+        exact = "".join("/" + token for token in globs[0][:-1])
+        below = exact + "/"
+        return lambda path: path.startswith(below) or path == exact
+    if len(globs) == 1 and all(t not in (STAR, DSTAR) for t in globs[0]):
+        return ("".join("/" + token for token in globs[0])).__eq__
+    return re.compile("|".join(f"(?:{_glob_regex(tokens)})" for tokens in globs)).fullmatch
 
 
 def glob_covers(wide: tuple[str, ...], narrow: tuple[str, ...]) -> bool:
@@ -130,15 +202,45 @@ class Rule:
     require: str | None  # the permission; None when public
     public: bool  # no token needed; identity headers are removed, never set
     source: str  # "file:line"
-    _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _text: Callable[[str], object] = field(init=False, repr=False, compare=False)  # globs with ≤ 1 "**"
+    _deep: tuple[_GlobNfa, ...] = field(init=False, repr=False, compare=False)  # the others
 
     def __post_init__(self) -> None:
-        regex = "|".join(f"(?:{_glob_regex(parse_glob(glob))})" for glob in self.paths)
-        object.__setattr__(self, "_pattern", re.compile(regex))
+        parsed = [_collapse(parse_glob(glob)) for glob in self.paths]
+        object.__setattr__(self, "_text", _text_matcher([t for t in parsed if t.count(DSTAR) <= 1]))
+        object.__setattr__(self, "_deep", tuple(_GlobNfa(t) for t in parsed if t.count(DSTAR) > 1))
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this rule applies to `method` and the canonical `path`."""
-        return (self.methods is None or method in self.methods) and self._pattern.fullmatch(path) is not None
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self._text(path):
+            return True
+        segments = path.split("/") if self._deep else []
+        return any(nfa.match(segments) for nfa in self._deep)
+
+
+_Step = tuple[Callable[[str], object], Rule]
+
+
+def _step(rule: Rule) -> _Step:
+    """The rule with one callable that tells whether a path matches any of its globs."""
+    text, deep = rule._text, rule._deep
+    if not deep:
+        return text, rule
+    if text is _never and len(deep) == 1:
+        only = deep[0].match
+        return (lambda path: only(path.split("/"))), rule
+
+    def match(path: str) -> bool:
+        if text(path):
+            return True
+        # Split here, not for every request: only a glob with several "**" needs the segments,
+        # and the split (C, ~30 µs for 4,000 segments) is small beside the walk (~300 µs).
+        segments = path.split("/")
+        return any(nfa.match(segments) for nfa in deep)
+
+    return match, rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,20 +249,22 @@ class RoutePolicy:
 
     config: RouteConfig
     rules: tuple[Rule, ...]
-    _by_method: dict[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
-    _any_method: tuple[Rule, ...] = field(init=False, repr=False, compare=False)
+    _by_method: dict[str, tuple[_Step, ...]] = field(init=False, repr=False, compare=False)
+    _any_method: tuple[_Step, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Per-method rule lists, so a request only tests the patterns that could apply.
+        # Per-method rule lists, so a request only tests the patterns that could apply, each
+        # rule paired with one ready matcher: this loop runs on every request.
+        steps = [_step(rule) for rule in self.rules]
         methods = {method for rule in self.rules for method in rule.methods or ()}
-        by_method = {m: tuple(r for r in self.rules if r.methods is None or m in r.methods) for m in methods}
+        by_method = {m: tuple(s for s in steps if s[1].methods is None or m in s[1].methods) for m in methods}
         object.__setattr__(self, "_by_method", by_method)
-        object.__setattr__(self, "_any_method", tuple(r for r in self.rules if r.methods is None))
+        object.__setattr__(self, "_any_method", tuple(s for s in steps if s[1].methods is None))
 
     def first_match(self, method: str, path: str) -> Rule | None:
         """The first rule matching `method` and canonical `path`; None means refuse (403)."""
-        for rule in self._by_method.get(method, self._any_method):
-            if rule._pattern.fullmatch(path) is not None:
+        for text, rule in self._by_method.get(method, self._any_method):
+            if text(path):
                 return rule
         return None
 
@@ -168,7 +272,17 @@ class RoutePolicy:
 class RouteTable:
     """Routes and roles of one configuration; immutable, swapped whole on reload."""
 
-    __slots__ = ("roles", "routes", "warnings", "_by_prefix", "_expanded", "_granted")
+    __slots__ = (
+        "roles",
+        "routes",
+        "warnings",
+        "_by_prefix",
+        "_depth",
+        "_expanded",
+        "_granted",
+        "_reach",
+        "_carried",
+    )
 
     def __init__(
         self, roles: Mapping[str, Role], routes: Iterable[RoutePolicy], warnings: Iterable[str] = ()
@@ -177,21 +291,56 @@ class RouteTable:
         self.routes: tuple[RoutePolicy, ...] = tuple(routes)  # config order
         self.warnings: tuple[str, ...] = tuple(warnings)  # "file:line: ..." worth showing, not fatal
         self._by_prefix = {route.config.prefix: route for route in self.routes}
+        # Segments in the deepest prefix ("/" has none): deeper segments of a path never matter.
+        self._depth = max((p.count("/") for p in self._by_prefix if p != "/"), default=0)
         self._expanded = {name: self._expand(name) for name in self.roles}
         self._granted: dict[tuple[str, ...], frozenset[str]] = {}
+        self._reach = {name: self._closure(name) for name in self.roles}
+        self._carried: dict[tuple[tuple[str, ...] | None, tuple[str, ...]], tuple[str, ...]] = {}
 
-    def _expand(self, name: str) -> frozenset[str]:
+    def _closure(self, name: str) -> frozenset[str]:
         seen, stack = {name}, [name]
-        while stack:  # iterative and cycle-safe (cycles are refused at load anyway)
+        while stack:
             role = self.roles.get(stack.pop())
             new = [include for include in role.includes if include not in seen] if role else []
             seen.update(new)
             stack.extend(new)
+        return frozenset(seen)
+
+    def _expand(self, name: str) -> frozenset[str]:
+        # Iterative and cycle-safe (cycles are refused at load anyway).
+        seen = self._closure(name)
         return frozenset(p for role in seen if role in self.roles for p in self.roles[role].permissions)
+
+    def reachable(self, roles: Iterable[str]) -> frozenset[str]:
+        """The role names held in `roles` plus every role they reach through `includes`."""
+        found: set[str] = set()
+        for name in roles:
+            found.add(name)
+            found.update(self._reach.get(name, ()))
+        return frozenset(found)
+
+    def carried(self, token_roles: tuple[str, ...] | None, user_roles: tuple[str, ...]) -> tuple[str, ...]:
+        """The roles a token carries now, sorted (README "Command line"): its own list, if it has one,
+        intersected with the roles its user holds or reaches now; else the user's roles."""
+        key = (token_roles, user_roles)
+        found = self._carried.get(key)
+        if found is None:
+            if token_roles is None:
+                found = tuple(sorted(user_roles))
+            else:
+                found = tuple(sorted(self.reachable(user_roles).intersection(token_roles)))
+            if len(self._carried) >= _GRANTED_CACHE_SIZE:
+                self._carried.clear()  # bounded, as `granted`
+            self._carried[key] = found
+        return found
 
     def route(self, path: str) -> RoutePolicy | None:
         """The route with the longest prefix of `path` on a segment boundary ("/" matches all)."""
-        candidate = path
+        # Cut the path after its first `_depth` segments: no prefix is deeper, and each step
+        # below slices and hashes, so a path of 4,000 segments cost 4 ms uncut.
+        parts = path.split("/", self._depth + 1)
+        candidate = path if len(parts) <= self._depth + 1 else path[: len(path) - len(parts[-1]) - 1]
         while candidate:
             found = self._by_prefix.get(candidate)
             if found is not None:

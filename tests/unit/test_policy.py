@@ -113,6 +113,13 @@ def rule(*paths: str, methods: tuple[str, ...] | None = None) -> Rule:
         ("/a.b/c+d", "/aXb/c+d", False),
         ("/files/a b", "/files/a b", True),
         ("/files/*", "/files/a b", True),
+        # several "**" (matched by `_GlobNfa`, not a regex: see test_glob_matching.py)
+        ("/a/**/b/**", "/a/b", True),
+        ("/a/**/b/**", "/a/x/b/y/z", True),
+        ("/a/**/b/**", "/a/x", False),
+        ("/a/**/**", "/a", True),
+        ("/**/b/**/", "/b/", True),
+        ("/**/b/**/", "/b", False),
     ],
 )
 def test_glob_matching(glob: str, path: str, expected: bool) -> None:
