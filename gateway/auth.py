@@ -7,12 +7,20 @@ decisions. Check order is cheapest first: header shape, token format and checksu
 (no store query for garbage), the positive cache, the negative cache of unknown
 well-formed tokens (so junk can neither flood the store nor evict valid entries),
 then the store.
+
+Store lookups are bounded twice (README "Freshness, outages and several instances"): each
+caller waits at most `store_timeout` for an answer, even when the store stops answering
+silently, and at most `max_lookups` run at once per process, with a short queue behind
+them; past that a lookup is refused at once (503 with Retry-After), so well-formed junk
+tokens cannot pile work onto the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -23,6 +31,32 @@ from gateway.errors import BadRequest, Refusal, StoreUnavailable, Unauthenticate
 from gateway.store import Principal, Store
 
 Clock = Callable[[], float]
+
+# One store call may take half the outage grace, within these limits: long enough for a
+# cold connection on a loaded machine (a healthy lookup takes about a millisecond), and
+# short enough that a silent store costs a request seconds, not the driver's own timeout.
+MIN_STORE_TIMEOUT = 0.5
+MAX_STORE_TIMEOUT = 2.0
+# The store's connection pool holds 15 connections (SQLAlchemy's 5 + 10 overflow): lookups
+# get at most 10 of them, so the change feed and the admin API always find one free.
+MAX_LOOKUPS = 10
+MAX_QUEUED_LOOKUPS = 50
+
+_UNREACHABLE = "the store cannot be reached; try again shortly"
+_SLOW = "the store did not answer in time; try again shortly"
+_BUSY = "too many token lookups in progress; try again shortly"
+
+
+def store_call_timeout(outage_grace: float) -> float:
+    """How long one store call may take before it counts as failed: well under `outage_grace`."""
+    return min(max(outage_grace / 2, MIN_STORE_TIMEOUT), MAX_STORE_TIMEOUT)
+
+
+class LookupsBusy(StoreUnavailable):
+    """Every store lookup slot and queue place of this process is taken (503, Retry-After)."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class TokenCache:
@@ -103,15 +137,34 @@ class Authenticator:
         *,
         store_trusted: Callable[[], bool],
         wall_clock: Clock = time.time,
+        store_timeout: float = MAX_STORE_TIMEOUT,
+        max_lookups: int = MAX_LOOKUPS,
+        max_queued_lookups: int = MAX_QUEUED_LOOKUPS,
     ) -> None:
         self._store = store
         self._cache = cache
         self._last_used = last_used
         self._store_trusted = store_trusted
         self._wall_clock = wall_clock
-        self._inflight: dict[str, asyncio.Future[Principal | None]] = {}
+        self.store_timeout = store_timeout
+        """Seconds a request waits at most for its token's store lookup (then 503)."""
+        self.max_lookups = max(1, max_lookups)
+        """Store lookups running at once, at most (shared lookups of one token count once)."""
+        self.max_queued_lookups = max(0, max_queued_lookups)
+        """Lookups waiting for a free slot, at most; beyond that 503 with Retry-After."""
+        # The lookup under way per digest, with the cache generation it started in: concurrent
+        # requests for that token share it, unless an eviction came in between.
+        self._inflight: dict[str, tuple[int, asyncio.Task[Principal | None]]] = {}
+        self._running = 0  # lookups holding a slot, until their store call has fully ended
+        self._lookups: set[asyncio.Task[Principal | None]] = set()  # every one not yet ended
+        self._queue: deque[asyncio.Future[None]] = deque()
         self.cache_hits = 0
         self.cache_misses = 0
+
+    async def close(self) -> None:
+        """Wait until the store lookups under way have ended (before the store is closed)."""
+        if self._lookups:
+            await asyncio.wait(self._lookups)
 
     async def authenticate(self, authorization: list[str]) -> Principal:
         """The Principal for the request's Authorization header values (all of them)."""
@@ -134,7 +187,7 @@ class Authenticator:
             self.cache_hits += 1
             if not self._store_trusted():
                 # Outage longer than cache.outage_grace: cached identities may be revoked by now.
-                raise StoreUnavailable("the store cannot be reached; try again shortly")
+                raise StoreUnavailable(_UNREACHABLE)
         else:
             self.cache_misses += 1
             principal = await self._lookup(digest)
@@ -144,37 +197,96 @@ class Authenticator:
         return principal
 
     async def _lookup(self, digest: str) -> Principal:
-        if self._cache.is_unknown(digest) and self._store_trusted():
+        if not self._store_trusted():
+            # The feed has lost the store: a token not held gets 503 at once, not a query that hangs.
+            raise StoreUnavailable(_UNREACHABLE)
+        if self._cache.is_unknown(digest):
             raise _unknown_token()
         pending = self._inflight.get(digest)
-        if pending is not None:
-            # Another request is already asking the store for this token: share its answer.
-            found = await asyncio.shield(pending)
+        if pending is not None and pending[0] == self._cache.generation:
+            task = pending[1]
         else:
-            found = await self._query(digest)
+            # None under way, or it may have read the store before a change this request must see.
+            task = self._start(digest)
+        # Wait on the task, not inside the store call: a cancelled store call finishes its
+        # connection's cleanup before it returns, which on a silent link takes the driver's timeout.
+        done, _ = await asyncio.wait((task,), timeout=self.store_timeout)
+        if not done:
+            raise StoreUnavailable(_SLOW)
+        found = task.result()
         if found is None:
             raise _unknown_token()
         return found
 
-    async def _query(self, digest: str) -> Principal | None:
-        generation = self._cache.generation
-        future: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = future
-        try:
-            found = await self._store.lookup_token(digest)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
+    def _start(self, digest: str) -> asyncio.Task[Principal | None]:
+        """Start the store lookup of `digest`, or refuse it when every slot and queue place is taken."""
+        slot: asyncio.Future[None] | None = None
+        if self._running < self.max_lookups:
+            self._running += 1
+        elif len(self._queue) < self.max_queued_lookups:
+            slot = asyncio.get_running_loop().create_future()
+            self._queue.append(slot)
         else:
-            future.set_result(found)
+            raise LookupsBusy(_BUSY)
+        # Read before the query: an eviction while it runs makes its answer stale (TokenCache.put).
+        generation = self._cache.generation
+        task = asyncio.ensure_future(self._query(digest, generation, slot))
+        task.add_done_callback(retrieve_exception)
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+        self._inflight[digest] = (generation, task)
+        return task
+
+    async def _query(
+        self, digest: str, generation: int, slot: asyncio.Future[None] | None
+    ) -> Principal | None:
+        deadline = asyncio.get_running_loop().time() + self.store_timeout
+        holding = slot is None
+        try:
+            if slot is not None:
+                try:
+                    # Half the bound at most: a lookup that gets its slot late still has time to run.
+                    async with asyncio.timeout(self.store_timeout / 2):
+                        await slot
+                except TimeoutError:
+                    raise LookupsBusy(_BUSY) from None
+                finally:
+                    # Handed over by _release_slot even when this task was cancelled meanwhile.
+                    holding = slot.done() and not slot.cancelled()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    found = await self._store.lookup_token(digest)
+            except TimeoutError:
+                raise StoreUnavailable(_SLOW) from None
         finally:
-            del self._inflight[digest]
+            pending = self._inflight.get(digest)
+            if pending is not None and pending[1] is asyncio.current_task():
+                del self._inflight[digest]  # a later lookup of this digest may have replaced it
+            if holding:
+                self._release_slot()
+            elif slot is not None:
+                slot.cancel()
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(slot)
         if found is None:
             self._cache.put_unknown(digest, generation)
         else:
             self._cache.put(digest, found, generation)
         return found
+
+    def _release_slot(self) -> None:
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the oldest waiting lookup
+                return
+        self._running -= 1
+
+
+def retrieve_exception(task: asyncio.Task[object]) -> None:
+    """Done callback of a store task whose waiters may all have given up: no "never retrieved" noise."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _unknown_token() -> Unauthenticated:

@@ -1,12 +1,14 @@
 """The change feed: how every instance learns within a second what any process changed.
 
-Imports: errors, store, auth (TokenCache).
+Imports: errors, store, auth (TokenCache, store_call_timeout, retrieve_exception).
 
 Every mutation of users and tokens writes a row to the store's `changes` table in
 the same transaction (the CLI, the admin API of any instance). Each instance polls
 the newest rows every `interval` seconds, off the request path, and evicts the
-affected users from its identity cache. While polls fail, cached identities are
-served for at most `outage_grace` seconds (CONTRACT.md "Freshness and outages").
+affected users from its identity cache. Cached identities are served only while the
+last successful poll is at most `outage_grace` seconds old, whatever poll is in flight,
+and every poll is cut off after `store_call_timeout(outage_grace)` (README "Freshness,
+outages and several instances").
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import logging
 import time
 from collections.abc import Callable
 
-from gateway.auth import TokenCache
+from gateway.auth import TokenCache, retrieve_exception, store_call_timeout
 from gateway.errors import StoreUnavailable
 from gateway.store import Change, Store
 
 log = logging.getLogger("gateway.changefeed")
 
 Listener = Callable[[list[Change]], None]
+
+_BATCH = 1000
 
 
 class ChangeFeed:
@@ -35,57 +39,104 @@ class ChangeFeed:
         *,
         interval: float = 0.25,
         outage_grace: float = 5.0,
+        store_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._cache = cache
         self._interval = interval
         self._grace = outage_grace
+        self._timeout = store_call_timeout(outage_grace) if store_timeout is None else store_timeout
+        # The oldest the last successful poll gets on a healthy feed (the next one starts an
+        # interval later and may take the timeout). It is under the grace from a grace of 1 s;
+        # a shorter grace (0 included) still lets identities be served until a poll fails or
+        # is overdue.
+        self._cadence = interval + self._timeout
         self._clock = clock
         self._cursor: int | None = None
-        self._healthy = False
         self._outage = False
-        self._last_ok = clock()
+        # When the last successful poll ended; nothing is trusted before the first one has
+        # fixed the feed's position.
+        self._last_ok = float("-inf")
+        # A poll cut off by the timeout that is still ending (its connection's cleanup waits
+        # on the silent link too): polls wait for it rather than open a connection each.
+        self._abandoned: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
+
+    @property
+    def store_timeout(self) -> float:
+        """Seconds one store call may take (well under the outage grace); lookups should use it too."""
+        return self._timeout
 
     def subscribe(self, listener: Listener) -> None:
         """Call `listener` with every batch of changes (e.g. the CORS origin index)."""
         self._listeners.append(listener)
 
     def trusted(self) -> bool:
-        """Whether cached identities may still be served (store read recently enough)."""
-        return self._healthy or self._clock() - self._last_ok <= self._grace
+        """Whether cached identities may still be served: the last successful poll is recent enough."""
+        age = self._clock() - self._last_ok
+        return age <= self._grace or (not self._outage and age <= self._cadence)
 
     @property
     def healthy(self) -> bool:
-        """Whether the last poll of the store succeeded."""
-        return self._healthy
+        """Whether the store answers the feed: the last poll succeeded and the next one is not overdue."""
+        return not self._outage and self._clock() - self._last_ok <= self._cadence
 
     async def poll(self) -> None:
-        """Read and apply every change since the last poll; never raises StoreUnavailable."""
+        """Read and apply every change since the last poll, within the store timeout; never raises
+        StoreUnavailable."""
+        task: asyncio.Task[None] | None = None
         try:
-            if self._cursor is None:
-                # First contact: nothing cached yet, so only the position matters.
-                self._cursor = await self._store.latest_change()
-            else:
-                while True:
-                    changes = await self._store.changes_since(self._cursor, limit=1000)
-                    if not changes:
-                        break
-                    self._apply(changes)
-                    if len(changes) < 1000:
-                        break
-        except StoreUnavailable:
-            if not self._outage:
-                self._outage = True
-                log.error("store unreachable: serving cached identities for at most %gs", self._grace)
-            self._healthy = False
+            if self._abandoned is not None:
+                done, _ = await asyncio.wait((self._abandoned,), timeout=self._timeout)
+                if not done:
+                    self._failed(f"no answer within {self._timeout:g}s")
+                    return
+                self._abandoned = None
+            task = asyncio.create_task(self._read())
+            task.add_done_callback(retrieve_exception)
+            done, _ = await asyncio.wait((task,), timeout=self._timeout)
+        except asyncio.CancelledError:
+            # Shutting down, and the store is closed next: its calls under way must end first,
+            # or a connection outlives its pool.
+            ending = [read for read in (task, self._abandoned) if read is not None]
+            for read in ending:
+                read.cancel()
+            if ending:
+                await asyncio.wait(ending)
+            raise
+        if not done:
+            # Not awaited: the store call ends in the background while the feed carries on.
+            task.cancel()
+            self._abandoned = task
+            self._failed(f"no answer within {self._timeout:g}s")
             return
-        if not self._healthy and self._outage:
+        try:
+            task.result()
+        except StoreUnavailable:
+            self._failed("the store cannot be reached")
+            return
+        if self._outage:
             log.warning("store reachable again: change feed at position %s", self._cursor)
         self._outage = False
-        self._healthy = True
         self._last_ok = self._clock()
+
+    async def _read(self) -> None:
+        if self._cursor is None:
+            # First contact: nothing cached yet, so only the position matters.
+            self._cursor = await self._store.latest_change()
+            return
+        while True:
+            changes = await self._store.changes_since(self._cursor, limit=_BATCH)
+            if changes:
+                self._apply(changes)
+            if len(changes) < _BATCH:
+                return
+
+    def _failed(self, why: str) -> None:
+        if not self._outage:
+            self._outage = True
+            log.error("store unreachable (%s): serving cached identities for at most %gs", why, self._grace)
 
     def _apply(self, changes: list[Change]) -> None:
         for change in changes:
@@ -97,5 +148,9 @@ class ChangeFeed:
     async def run(self) -> None:
         """Poll forever (a background task of the server)."""
         while True:
-            await self.poll()
+            try:
+                await self.poll()
+            except Exception:
+                # A dead feed would refuse every cached identity after the grace: keep polling.
+                log.exception("change feed poll failed; polling again")
             await asyncio.sleep(self._interval)
