@@ -10,24 +10,25 @@ over 64 KiB is 413 `body_too_large`; a wrong method is 405 `method_not_allowed` 
 
 One middleware owns the outside of the listener: every /v1 request needs an admin
 identity's bearer token (401 realm "gateway-admin", 403 for a service user's token), and
-every error, unknown path (404) and wrong method (405) included, is CONTRACT.md's JSON
+every error, unknown path (404) and wrong method (405) included, is the JSON refusal
 `{"error", "detail"}` with an `X-Request-Id` header. /healthz, /readyz, /metrics and
 /openapi.json need no token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import aiohttp_cors
 from aiohttp import hdrs, web
 
 from gateway.admin_api import MAX_BODY_BYTES, PRINCIPAL, AdminApi, Handler
-from gateway.auth import Authenticator, TokenCache
+from gateway.auth import Authenticator, TokenCache, retrieve_exception
 from gateway.changefeed import ChangeFeed
 from gateway.errors import (
     AdminUnauthorized,
@@ -35,7 +36,6 @@ from gateway.errors import (
     GatewayError,
     PayloadTooLarge,
     Refusal,
-    StoreUnavailable,
     Unauthenticated,
 )
 from gateway.headers import request_id_from
@@ -44,6 +44,15 @@ from gateway.openapi import openapi_document
 from gateway.pipeline import Settings, refusal
 from gateway.services import Directory
 from gateway.store import Store
+
+
+class ChangeHook(Protocol):
+    """Applies a change to user `user` on this instance; done when the awaitable is.
+
+    `origins=False` skips re-reading allowed origins (for changes that cannot touch them).
+    """
+
+    def __call__(self, user: str, *, origins: bool = True) -> Awaitable[None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +66,7 @@ class AdminContext:
     feed: ChangeFeed
     metrics: Metrics
     settings: Callable[[], Settings]  # the live configuration version (roles, routes)
-    changed: Callable[[str], None]  # apply a change to user NAME on this instance at once
+    changed: ChangeHook  # apply a change to user NAME on this instance before answering
 
 
 CONTEXT = web.AppKey("context", AdminContext)
@@ -101,7 +110,7 @@ async def _admin_principal(request: web.Request) -> None:
 
 
 def _http_error(request: web.Request, exc: web.HTTPException, request_id: str) -> web.Response:
-    """aiohttp's own HTTP errors (routing, body size, CORS preflight) as CONTRACT.md JSON."""
+    """aiohttp's own HTTP errors (routing, body size, CORS preflight) as JSON refusals."""
     status = exc.status if exc.status >= 400 else 500
     code = _HTTP_CODES.get(status, "bad_request" if status < 500 else Refusal.INTERNAL_ERROR.value)
     if status == 403 and request.method == hdrs.METH_OPTIONS:
@@ -144,10 +153,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: 200 while this instance can serve (the store answers)."""
-    try:
-        await request.app[CONTEXT].store.ping()
-    except StoreUnavailable:
+    """Readiness: 200 while this instance can serve (its change feed and a ping read the store).
+
+    The ping is bounded by the store timeout and left to end in the background: a store
+    that stops answering silently would otherwise hold the load balancer's probe for the
+    driver's whole timeout.
+    """
+    context = request.app[CONTEXT]
+    ping = asyncio.ensure_future(context.store.ping())
+    ping.add_done_callback(retrieve_exception)
+    done, _ = await asyncio.wait((ping,), timeout=context.feed.store_timeout)
+    if not done:
+        ping.cancel()
+    if not context.feed.healthy or not done or ping.exception() is not None:
         return web.json_response(
             {"status": "unavailable", "detail": "the store cannot be reached"}, status=503
         )
@@ -159,8 +177,7 @@ async def metrics(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
     context.metrics.store_healthy.set(1 if context.feed.healthy else 0)
     context.metrics.cached_identities.set(len(context.cache))
-    context.metrics.cache_hits.set(context.authenticator.cache_hits)
-    context.metrics.cache_misses.set(context.authenticator.cache_misses)
+    context.metrics.token_cache.update(context.authenticator.cache_hits, context.authenticator.cache_misses)
     return web.Response(body=context.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

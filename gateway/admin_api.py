@@ -2,7 +2,7 @@
 
 Imports: errors, services, timeparse, config (origins, route/role shapes), policy, store (Principal),
 aiohttp. Every business rule lives in `services.Directory` (shared with the CLI); this module only
-turns HTTP into typed arguments and views into CONTRACT.md JSON.
+turns HTTP into typed arguments and views into the admin API's JSON.
 
 Body rules: the body must be a JSON object sent as `application/json` (else 400 `bad_request`);
 an unknown field or a value of the wrong type is 422 `invalid` naming the field. Strings holding
@@ -152,7 +152,7 @@ class Body:
 
 
 def parse_time_field(text: str, field: str) -> datetime:
-    """An ISO 8601 date or date-time (CONTRACT.md "Times"); Invalid(field) when it is not one."""
+    """An ISO 8601 date or date-time (README "Command line"); Invalid(field) when it is not one."""
     problem = ""
     # RFC 3339 also allows a lower-case "t" and "z", which fromisoformat refuses.
     for candidate in (text, text.upper()):
@@ -250,7 +250,7 @@ class AdminApi:
         self._directory = context.directory
 
     def routes(self) -> list[tuple[str, str, Handler]]:
-        """Every /v1 endpoint of CONTRACT.md."""
+        """Every /v1 endpoint (README "Admin listener and REST API")."""
         user, token = "/v1/service-users/{name}", "/v1/service-users/{name}/tokens/{token}"
         return [
             ("GET", "/v1/service-users", self.list_users),
@@ -268,9 +268,10 @@ class AdminApi:
             ("GET", "/v1/audit-events", self.list_audit),
         ]
 
-    def _changed(self, user: str) -> None:
-        # Applies the change on this instance at once; other instances poll the change feed.
-        self._context.changed(user)
+    async def _changed(self, user: str, *, origins: bool = True) -> None:
+        # Awaited before answering, so the change applies on this instance (cached identities,
+        # CORS origins) by the time the client sees the answer; other instances poll the feed.
+        await self._context.changed(user, origins=origins)
 
     async def list_users(self, request: web.Request) -> web.Response:
         """GET /v1/service-users?prefix=&role="""
@@ -288,7 +289,7 @@ class AdminApi:
         view = await self._directory.create_user(
             name, actor=request[PRINCIPAL].user, roles=roles, description=description, origins=allowed
         )
-        self._changed(name)
+        await self._changed(name)
         return web.json_response(view.to_json(), status=201, headers={"Location": view.href})
 
     async def get_user(self, request: web.Request) -> web.Response:
@@ -309,14 +310,14 @@ class AdminApi:
             origins=origins(body.strings("allowed_origins", nullable=False)),
             disabled=body.boolean("disabled"),
         )
-        self._changed(name)
+        await self._changed(name)
         return web.json_response(view.to_json())
 
     async def delete_user(self, request: web.Request) -> web.Response:
         """DELETE /v1/service-users/{name} (its tokens go with it)."""
         name = path_name(request, "name", "user")
         await self._directory.delete_user(name, actor=request[PRINCIPAL].user)
-        self._changed(name)
+        await self._changed(name)
         return web.Response(status=204)
 
     async def list_tokens(self, request: web.Request) -> web.Response:
@@ -337,7 +338,7 @@ class AdminApi:
             expires_at=body.time("expires_at"),
             roles=body.strings("roles", nullable=True),
         )
-        self._changed(user)
+        await self._changed(user, origins=False)
         return web.json_response(token_answer(view, secret), status=201)
 
     async def reset_token(self, request: web.Request) -> web.Response:
@@ -345,7 +346,7 @@ class AdminApi:
         user = path_name(request, "name", "user")
         token = path_name(request, "token", "token")
         view, secret = await self._directory.reset_token(user, token, actor=request[PRINCIPAL].user)
-        self._changed(user)
+        await self._changed(user, origins=False)
         return web.json_response(token_answer(view, secret))
 
     async def expire_token(self, request: web.Request) -> web.Response:
@@ -353,7 +354,7 @@ class AdminApi:
         user = path_name(request, "name", "user")
         token = path_name(request, "token", "token")
         view = await self._directory.expire_token(user, token, actor=request[PRINCIPAL].user)
-        self._changed(user)
+        await self._changed(user, origins=False)
         return web.json_response(view.to_json())
 
     async def delete_token(self, request: web.Request) -> web.Response:
@@ -361,7 +362,7 @@ class AdminApi:
         user = path_name(request, "name", "user")
         token = path_name(request, "token", "token")
         await self._directory.delete_token(user, token, actor=request[PRINCIPAL].user)
-        self._changed(user)
+        await self._changed(user, origins=False)
         return web.Response(status=204)
 
     async def list_roles(self, request: web.Request) -> web.Response:

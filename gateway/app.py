@@ -13,13 +13,14 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin import AdminContext
+from gateway.admin import AdminContext, build_admin_app
 from gateway.auth import Authenticator, LastUsed, TokenCache
 from gateway.changefeed import ChangeFeed
 from gateway.config import Config, load_config
 from gateway.cors import OriginIndex, RouteCors
-from gateway.errors import ConfigError, StoreUnavailable
+from gateway.errors import ConfigError, Refusal, StoreUnavailable
 from gateway.headers import HeaderPolicy
+from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
 from gateway.logs import flush_access_log, install_redaction
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, Settings
@@ -32,6 +33,7 @@ from gateway.upstream import UpstreamClient
 log = logging.getLogger("gateway.app")
 
 _LAST_USED_FLUSH_SECONDS = 15
+ADMIN_MAX_CONNECTIONS = 64  # open admin-listener connections per process
 
 
 def build_settings(config: Config) -> Settings:
@@ -42,6 +44,9 @@ def build_settings(config: Config) -> Settings:
         table=table,
         headers=HeaderPolicy(config.identity, config.trusted_proxies),
         cors={route.name: RouteCors(route.cors) for route in config.routes if route.cors is not None},
+        connect_allowed=any(
+            "CONNECT" in (rule.methods or ()) for route in table.routes for rule in route.rules
+        ),
     )
 
 
@@ -58,15 +63,24 @@ class Gateway:
         )
         self.last_used = LastUsed()
         self.feed = ChangeFeed(store, self.cache, outage_grace=config.cache.outage_grace)
-        self.authenticator = Authenticator(store, self.cache, self.last_used, store_trusted=self.feed.trusted)
+        self.authenticator = Authenticator(
+            store,
+            self.cache,
+            self.last_used,
+            store_trusted=self.feed.trusted,
+            store_timeout=self.feed.store_timeout,
+        )
         self.upstreams = UpstreamClient()
         self.metrics = Metrics()
         self.origins = OriginIndex()
+        self.connections = ConnectionBudget(limit=config.client.max_connections)
+        # The admin listener has its own, so a flood on the proxy never locks operators out.
+        self.admin_connections = ConnectionBudget(limit=ADMIN_MAX_CONNECTIONS)
         self.pipeline = Pipeline(
             settings, self.authenticator, Forwarder(self.upstreams), self.metrics, self.origins
         )
         self.feed.subscribe(self._on_changes)
-        self.directory = Directory(store, lambda: self.pipeline.settings.table.role_names())
+        self.directory = Directory(store, lambda: self.pipeline.settings.table)
         self._tasks: list[asyncio.Task[None]] = []
         self._origin_refresh: asyncio.Task[None] | None = None
         self._origin_refresh_again = False
@@ -84,10 +98,20 @@ class Gateway:
             changed=self.changed,
         )
 
-    def changed(self, user: str) -> None:
-        """A change to `user` made in this process: apply it here at once (others poll the feed)."""
+    async def changed(self, user: str, *, origins: bool = True) -> None:
+        """A change to `user` made in this process: applied here when this returns (others poll
+        the feed). `origins=False` when the change cannot touch allowed origins (token changes)."""
         self.cache.evict_user(user)
-        self._refresh_origins_soon()
+        if origins:
+            # Awaited, not scheduled: the next preflight must already see the new set.
+            await self.origins.refresh(self.store)
+
+    def admin_refusal(self, status: int, error: Refusal, request_id: str) -> None:
+        """Count and log an admin-listener request that the HTTP parser refused."""
+        self.metrics.refusals.labels(error.value).inc()
+        log.info(
+            "admin request refused", extra={"request_id": request_id, "status": status, "error": error.value}
+        )
 
     async def catch_up(self) -> None:
         """Apply every change in the store now, instead of at the next poll."""
@@ -174,14 +198,17 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.authenticator.close()
         await self._flush_once()
         flush_access_log()
         await self.upstreams.close()
         await self.store.close()
 
 
-# The parser's limits for request lines and header fields (aiohttp's defaults, stated).
-PROXY_HANDLER_ARGS: dict[str, Any] = {"max_field_size": 8190, "max_line_size": 8190}
+# The parser's limits for request lines and header fields (aiohttp's defaults, stated), and
+# no decoding of request bodies: the upstream must get exactly the bytes whose length the
+# client announced (an inflated body smuggled its tail as a second request; README "Request framing").
+PROXY_HANDLER_ARGS: dict[str, Any] = {"max_field_size": 8190, "max_line_size": 8190, "auto_decompress": False}
 
 
 def build_proxy_server(gateway: Gateway, **kwargs: Any) -> web.Server:
@@ -190,4 +217,14 @@ def build_proxy_server(gateway: Gateway, **kwargs: Any) -> web.Server:
     No Application and router: the route table is ours, and aiohttp's automatic
     "100 Continue" must not run (the pipeline sends it only after authorisation).
     """
-    return web.Server(gateway.pipeline.handle, **PROXY_HANDLER_ARGS, **kwargs)
+    guard = Guard(
+        gateway.connections, gateway.config.client.header_timeout, gateway.pipeline.record_listener_refusal
+    )
+    return GuardedServer(gateway.pipeline.handle, guard=guard, **PROXY_HANDLER_ARGS, **kwargs)
+
+
+def build_admin_runner(gateway: Gateway, **kwargs: Any) -> web.AppRunner:
+    """The admin listener's runner: its own connection budget, the head timer, JSON parser refusals."""
+    guard = Guard(gateway.admin_connections, gateway.config.client.header_timeout, gateway.admin_refusal)
+    app = build_admin_app(gateway.admin_context())
+    return GuardedAppRunner(app, guard=guard, **PROXY_HANDLER_ARGS, **kwargs)

@@ -2,7 +2,7 @@
 
 Imports: errors, yamlfile, sqlalchemy.engine.make_url (parsing only; no engine is built).
 
-Owns the schema of gateway.yaml (CONTRACT.md "Files"), its defaults, the
+Owns the schema of gateway.yaml (README "Configuration reference"), its defaults, the
 environment overrides (GATEWAY_STORE_URL, GATEWAY_PROXY_LISTEN,
 GATEWAY_ADMIN_LISTEN), and resolving relative paths against the directory of the
 config file, so the CLI and the server always open the same store. Validation
@@ -82,6 +82,16 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """How long and how many clients may hold the gateway (README "Slow clients")."""
+
+    max_connections: int = 10_000  # open client connections per process; more are closed at once
+    header_timeout: float = 10.0  # seconds from a request's first byte (or the accept) to its whole head
+    body_timeout: float = 30.0  # seconds a request body may pause between two chunks
+    send_timeout: float = 30.0  # seconds a client may take no bytes of its response
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole of gateway.yaml, resolved (absolute paths, env overrides applied)."""
 
@@ -97,6 +107,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     max_body: int = _DEFAULT_MAX_BODY  # default request body limit, bytes (1 GiB)
     keepalive_timeout: float = 75.0  # client keep-alive idle timeout, seconds
+    client: ClientLimits = field(default_factory=lambda: ClientLimits())
     admin_cors_origins: tuple[str, ...] = ()  # origins allowed to call the admin API from a browser
     log_level: str = "info"
 
@@ -239,7 +250,19 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         max_entries=f.integer(node, "max_entries", "cache", _CACHE.max_entries),
         outage_grace=f.number(node, "outage_grace", "cache", _CACHE.outage_grace, allow_zero=True),
     )
-    limits = f.mapping(root, "limits", "", ("max_body", "keepalive_timeout"))
+    limits = f.mapping(
+        root,
+        "limits",
+        "",
+        (
+            "max_body",
+            "keepalive_timeout",
+            "max_connections",
+            "header_timeout",
+            "body_timeout",
+            "send_timeout",
+        ),
+    )
     admin = f.mapping(root, "admin", "", ("cors_origins",))
     log_level = (f.string(root, "log_level", "") or "info").lower()
     if log_level not in LOG_LEVELS:
@@ -247,6 +270,12 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     routes = _routes(f, root)
     max_body = f.integer(limits, "max_body", "limits", _DEFAULT_MAX_BODY)
     keepalive = f.number(limits, "keepalive_timeout", "limits", 75.0)
+    client = ClientLimits(
+        max_connections=f.integer(limits, "max_connections", "limits", _CLIENT.max_connections),
+        header_timeout=f.number(limits, "header_timeout", "limits", _CLIENT.header_timeout),
+        body_timeout=f.number(limits, "body_timeout", "limits", _CLIENT.body_timeout),
+        send_timeout=f.number(limits, "send_timeout", "limits", _CLIENT.send_timeout),
+    )
     admin_origins = tuple(dict.fromkeys(f.strings(admin, "cors_origins", "admin", normalize_origin)))
 
     for variable, key in (("GATEWAY_PROXY_LISTEN", "proxy"), ("GATEWAY_ADMIN_LISTEN", "admin")):
@@ -276,12 +305,14 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         routes=routes,
         max_body=max_body,
         keepalive_timeout=keepalive,
+        client=client,
         admin_cors_origins=admin_origins,
         log_level=log_level,
     )
 
 
 _CACHE = CacheConfig()
+_CLIENT = ClientLimits()
 _IDENTITY_KEYS = ("user_header", "roles_header", "token_id_header")
 _LISTEN_DEFAULTS: dict[str, Address] = {"proxy": ("127.0.0.1", 8080), "admin": ("127.0.0.1", 8081)}
 # Headers the gateway manages itself: an identity header with one of these names

@@ -1,7 +1,8 @@
 """CORS on the proxy: per-route settings, the in-memory index of allowed origins, the answers.
 
 Imports: config, errors, store. No I/O on the request path: the store's origins are read
-into `OriginIndex` at start and again whenever the change feed reports a change.
+into `OriginIndex` at start, again whenever the change feed reports a change, and before
+the admin API answers a change it made (so it applies on this instance at once).
 
 Why not aiohttp-cors here: it keeps a fixed origin dict per aiohttp resource (our
 routes reload and our origins live in the store, per user), sends
@@ -40,6 +41,8 @@ class OriginIndex:
 
     def __init__(self) -> None:
         self._origins: frozenset[str] = frozenset()
+        self._started = 0  # refreshes begun so far
+        self._applied = 0  # the latest-begun refresh whose result is in place
 
     def __contains__(self, origin: str) -> bool:
         return origin in self._origins
@@ -48,11 +51,20 @@ class OriginIndex:
         return len(self._origins)
 
     async def refresh(self, store: Store) -> None:
-        """Re-read the allowed origins of every active service user (keeps the old set on failure)."""
+        """Re-read the allowed origins of every active service user (keeps the old set on failure).
+
+        Refreshes may overlap (the change feed's in the background, the admin API's awaited);
+        the one begun last wins, so an older read can never undo a newer one.
+        """
+        self._started += 1
+        ticket = self._started
         try:
-            self._origins = frozenset(await store.active_origins())
+            origins = frozenset(await store.active_origins())
         except StoreUnavailable:
             log.warning("could not refresh allowed origins (store unreachable); keeping the previous set")
+            return
+        if ticket > self._applied:
+            self._origins, self._applied = origins, ticket
 
 
 class RouteCors:

@@ -7,6 +7,8 @@ GatewayError                      500 internal_error
 ├─ ConfigError                    startup/reload/check only: "file:line: what is wrong"
 ├─ RouteNotFound                  404 no_route
 ├─ BadRequest                     400 bad_request
+├─ MethodNotAllowed               405 method_not_allowed (+ Allow)
+├─ RequestTimeout                 408 request_timeout        a client that stopped sending its body
 ├─ PayloadTooLarge                413 body_too_large
 ├─ Unauthenticated                401 missing_token | invalid_token | token_expired | user_disabled
 ├─ Forbidden                      403 forbidden
@@ -16,6 +18,7 @@ GatewayError                      500 internal_error
 ├─ NotFound                       404 not_found              admin resources, CLI
 ├─ Conflict                       409 conflict
 ├─ StoreUnavailable               503 store_unavailable
+├─ Overloaded                     503 overloaded             a per-process capacity limit is reached
 └─ UpstreamError                  502 upstream_unavailable
    └─ UpstreamTimeout             504 upstream_timeout
 ```
@@ -31,7 +34,7 @@ from typing import ClassVar
 
 
 class Refusal(enum.StrEnum):
-    """The closed set of `error` codes of CONTRACT.md; metrics label refusals with these."""
+    """The closed set of `error` codes (README "How a request is decided"); metrics label with these."""
 
     BAD_REQUEST = "bad_request"
     BODY_TOO_LARGE = "body_too_large"
@@ -48,7 +51,9 @@ class Refusal(enum.StrEnum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     STORE_UNAVAILABLE = "store_unavailable"
-    METHOD_NOT_ALLOWED = "method_not_allowed"  # admin API only
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TIMEOUT = "request_timeout"
+    OVERLOADED = "overloaded"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -92,6 +97,27 @@ class BadRequest(GatewayError):
 
     status = 400
     code = Refusal.BAD_REQUEST
+
+
+class MethodNotAllowed(GatewayError):
+    """A method the gateway never forwards (TRACE, or CONNECT where no rule names it)."""
+
+    status = 405
+    code = Refusal.METHOD_NOT_ALLOWED
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
+
+
+class RequestTimeout(GatewayError):
+    """The client paused its request body for longer than `limits.body_timeout`."""
+
+    status = 408
+    code = Refusal.REQUEST_TIMEOUT
 
 
 class PayloadTooLarge(GatewayError):
@@ -171,6 +197,16 @@ class StoreUnavailable(GatewayError):
 
     status = 503
     code = Refusal.STORE_UNAVAILABLE
+
+
+class Overloaded(GatewayError):
+    """A per-process capacity limit is reached (connections, concurrent store lookups)."""
+
+    status = 503
+    code = Refusal.OVERLOADED
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UpstreamError(GatewayError):

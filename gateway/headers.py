@@ -42,7 +42,27 @@ _FORWARDING = frozenset(
         "x-forwarded-prefix",
         "forwarded",
         "x-real-ip",
+        "x-forwarded-server",
+        "x-client-ip",
+        "true-client-ip",
     }
+)
+# Never forwarded: upstream frameworks act on these (Symfony and Express read a method
+# override, IIS and Symfony a rewritten URL), so they could turn an authorised GET into a
+# DELETE, or a request for an allowed path into one for another.
+_REINTERPRETING = frozenset(
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+    }
+)
+# Names whose '_' or '.' spellings are dropped even where the '-' spelling passes: an
+# upstream that folds them would read a second Content-Length or X-Forwarded-For.
+_SPELLING_SENSITIVE = frozenset(
+    _HOP_BY_HOP | _FORWARDING | {"content-length", "host", "authorization", "expect", "x-request-id"}
 )
 _DEFAULT_IDENTITY = frozenset({"x-service-user", "x-service-user-roles", "x-service-token-id"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -83,7 +103,9 @@ class HeaderPolicy:
         }
         self._identity = frozenset(identity_names | _DEFAULT_IDENTITY)
         # Names the gateway always drops from the client's request before setting its own.
-        self._always_drop = self._identity | _HOP_BY_HOP | {"authorization", "expect", "x-request-id"}
+        self._always_drop = (
+            self._identity | _HOP_BY_HOP | _REINTERPRETING | {"authorization", "expect", "x-request-id"}
+        )
 
     def is_trusted(self, peer: str | None) -> bool:
         """Whether `peer` is listed in trusted_proxies (its X-Forwarded-* are kept)."""
@@ -114,15 +136,17 @@ class HeaderPolicy:
         """Headers for the upstream request; `identity` is (user, roles, token id) or None."""
         trusted = self.is_trusted(peer)
         drop = self._always_drop
-        named = inbound.get("Connection")
-        if named:
-            # A client may name headers in Connection; never let that reach our own.
-            drop = drop | {fold(n.strip()) for n in named.split(",") if n.strip()}
+        if "Connection" in inbound:
+            # A client may name headers in Connection (every line of it counts, RFC 9110
+            # section 7.6.1); never let that reach our own.
+            drop = drop | connection_named(inbound)
         out: CIMultiDict[str] = CIMultiDict()
         client_host = inbound.get("Host")
         for name, value in inbound.items():
             folded = fold(name)
             if folded in drop:
+                continue
+            if folded in _SPELLING_SENSITIVE and ("_" in name or "." in name):
                 continue
             if folded == "host" and not preserve_host:
                 continue
@@ -165,9 +189,8 @@ def response_headers(
 ) -> CIMultiDict[str]:
     """Headers for the client from the upstream's response (hop-by-hop removed)."""
     drop = _HOP_BY_HOP
-    named = upstream.get("Connection")
-    if named:
-        drop = drop | {n.strip().lower() for n in named.split(",")}
+    if "Connection" in upstream:
+        drop = drop | connection_named(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()
@@ -178,6 +201,23 @@ def response_headers(
         out.add(name, value)
     out["X-Request-Id"] = request_id
     return out
+
+
+def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The header names listed in every `Connection` line of `headers`, folded."""
+    lines = headers.getall("Connection", ())
+    return frozenset(fold(part.strip()) for line in lines for part in line.split(",") if part.strip())
+
+
+def merge_vary(values: Iterable[str], *extra: str) -> str:
+    """One `Vary` value from every line the upstream sent plus `extra`, each field name once."""
+    seen: dict[str, str] = {}
+    for line in (*values, *extra):
+        for part in line.split(","):
+            name = part.strip()
+            if name:
+                seen.setdefault(name.lower(), name)
+    return "*" if "*" in seen else ", ".join(seen.values())
 
 
 def comma_join(values: Iterable[str]) -> str:

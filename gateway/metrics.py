@@ -8,10 +8,39 @@ refusal codes); never a user, token, path or query.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class TokenCacheCounters(Collector):
+    """Token cache hits and misses, exposed as counters.
+
+    The authenticator counts them as plain ints (a prometheus Counter would take a lock on
+    every request); the scrape hands the totals over with `update` just before rendering.
+    """
+
+    def __init__(self) -> None:
+        self._hits = 0
+        self._misses = 0
+
+    def update(self, hits: int, misses: int) -> None:
+        """The authenticator's totals since the process started."""
+        self._hits, self._misses = hits, misses
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """Both counters (samples `gateway_token_cache_hits_total` and `..._misses_total`)."""
+        yield CounterMetricFamily(
+            "gateway_token_cache_hits", "Token lookups answered from the cache.", value=self._hits
+        )
+        yield CounterMetricFamily(
+            "gateway_token_cache_misses", "Token lookups that went to the store.", value=self._misses
+        )
 
 
 class Metrics:
@@ -31,15 +60,8 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        # Counted by the authenticator as plain ints (cheap on the hot path), copied here per scrape.
-        self.cache_hits = Gauge(
-            "gateway_token_cache_hits_total", "Token lookups answered from the cache.", registry=self.registry
-        )
-        self.cache_misses = Gauge(
-            "gateway_token_cache_misses_total",
-            "Token lookups that went to the store.",
-            registry=self.registry,
-        )
+        self.token_cache = TokenCacheCounters()
+        self.registry.register(self.token_cache)
         self.upstream_latency = Histogram(
             "gateway_upstream_response_seconds",
             "Time from sending a request upstream to its response headers.",

@@ -54,7 +54,13 @@ _TOKEN_FIELDS: Final[dict[str, JSONObject]] = {
     "name": _NAME,
     "user": _NAME,
     "description": _nullable({"type": "string"}),
-    "roles": _nullable(_strings()),
+    "roles": _nullable(
+        {
+            **_strings(),
+            "description": "null: follows the user's roles; else the token's own list, of which it "
+            "carries what the user holds or reaches through includes at each request",
+        }
+    ),
     "expires_at": _nullable(_TIME),
     "expired": {"type": "boolean"},
     "created_at": _TIME,
@@ -164,7 +170,15 @@ def _bodies(role: JSONObject) -> dict[str, JSONObject]:
                 "name": _NAME,
                 "description": _nullable(_TEXT),
                 "expires_at": _nullable({"type": "string", "description": "ISO 8601 date or date-time"}),
-                "roles": _nullable({**roles, "description": "a subset of the user's"}),
+                "roles": _nullable(
+                    {
+                        **roles,
+                        "description": "null: the token follows the user's roles; else roles the user holds "
+                        "or reaches through includes (422 names a role that is not defined in policies/ "
+                        "or not held by the user); it carries this list intersected with what the "
+                        "user holds or reaches at each request",
+                    }
+                ),
             },
             required=["name"],
         ),

@@ -33,6 +33,7 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     Invalid,
+    MethodNotAllowed,
     OriginNotAllowed,
     Refusal,
     RouteNotFound,
@@ -42,12 +43,15 @@ from gateway.logs import write_access
 from gateway.metrics import Metrics
 from gateway.paths import canonicalize, split_target
 from gateway.policy import RoutePolicy, RouteTable, Rule
-from gateway.proxy import Forwarder, Outcome, refuse_oversized
+from gateway.proxy import Forwarder, Outcome, refuse_oversized, refuse_transfer_codings
 from gateway.store import Principal
 
 log = logging.getLogger("gateway.pipeline")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# TRACE echoes the request (credentials included) back; CONNECT opens a tunnel past every rule.
+_NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
+_ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,7 @@ class Settings:
     table: RouteTable
     headers: HeaderPolicy
     cors: Mapping[str, RouteCors]  # by route name; routes without a `cors` block are absent
+    connect_allowed: bool = False  # some rule names CONNECT in `methods` (else CONNECT is a 405)
 
 
 class Pipeline:
@@ -91,7 +96,11 @@ class Pipeline:
         origin: str | None = None
         outcome = Outcome()
         try:
+            if request.method in _NEVER_FORWARDED:
+                _refuse_method(request.method, settings)
             route, canonical, encoded = _resolve(settings.table, raw_path)
+            if "Transfer-Encoding" in request.headers:
+                refuse_transfer_codings(request)
             config = route.config
             cors = settings.cors.get(config.name)
             if cors is not None and "Origin" in request.headers:
@@ -105,16 +114,18 @@ class Pipeline:
                     return web.Response(status=204, headers=preflight)
             rule = route.first_match(request.method, canonical)
             authorization = request.headers.getall("Authorization", [])
+            roles: tuple[str, ...] = ()
             if rule is None or not rule.public:
                 principal = await self._authenticator.authenticate(authorization)
-                _authorize(settings.table, principal, rule, request.method, canonical)
+                roles = settings.table.carried(principal.token_roles, principal.user_roles)
+                _authorize(settings.table, principal, roles, rule, request.method, canonical)
             elif len(authorization) > 1:
                 raise BadRequest("more than one Authorization header")
             if cors is not None and "Origin" in request.headers:
                 self._check_origin(cors, origin, principal)
             identity = None
             if principal is not None:
-                identity = (principal.user, comma_join(principal.roles), principal.token_id)
+                identity = (principal.user, comma_join(roles), principal.token_id)
             headers = settings.headers.upstream_headers(
                 request.headers,
                 peer=request.remote,
@@ -141,6 +152,7 @@ class Pipeline:
                 cors_headers=cors.response_headers(origin) if cors is not None else None,
                 request_id=request_id,
                 outcome=outcome,
+                limits=settings.config.client,
             )
         except GatewayError as error:
             response = refusal(error, request_id)
@@ -169,6 +181,26 @@ class Pipeline:
             return response
         self._record(request, started, raw_path, request_id, route, principal, response.status, None, outcome)
         return response
+
+    def record_listener_refusal(self, status: int, error: Refusal, request_id: str) -> None:
+        """Count and log an answer the listener gave itself (a request the HTTP parser refused)."""
+        self._metrics.requests.labels("", str(status)).inc()
+        self._metrics.refusals.labels(error.value).inc()
+        write_access(
+            logging.ERROR if status >= 500 else logging.INFO,
+            {
+                "request_id": request_id,
+                "method": None,
+                "path": None,
+                "route": None,
+                "user": None,
+                "token_id": None,
+                "status": status,
+                "upstream_status": None,
+                "error": error.value,
+                "duration_ms": 0.0,
+            },
+        )
 
     def _check_origin(self, cors: RouteCors, origin: str | None, principal: Principal | None) -> None:
         if origin is not None:
@@ -222,6 +254,12 @@ class Pipeline:
         )
 
 
+def _refuse_method(method: str, settings: Settings) -> None:
+    if method == "CONNECT" and settings.connect_allowed:
+        return
+    raise MethodNotAllowed(f"the gateway never forwards {method}", _ALLOW)
+
+
 def _resolve(table: RouteTable, raw_path: str) -> tuple[RoutePolicy, str, str]:
     try:
         canonical, encoded = canonicalize(raw_path)
@@ -236,13 +274,15 @@ def _resolve(table: RouteTable, raw_path: str) -> tuple[RoutePolicy, str, str]:
     return route, canonical, encoded
 
 
-def _authorize(table: RouteTable, principal: Principal, rule: Rule | None, method: str, path: str) -> None:
+def _authorize(
+    table: RouteTable, principal: Principal, roles: tuple[str, ...], rule: Rule | None, method: str, path: str
+) -> None:
     if principal.kind != "service":
         raise Forbidden("admin tokens are for the admin API only; they never pass the proxy")
     if rule is None:
         raise Forbidden(f"no rule allows {method} {_printable(path)}")
     required = rule.require
-    if required is None or not table.allows(principal.roles, required):
+    if required is None or not table.allows(roles, required):
         raise Forbidden(f"permission '{required}' is required")
 
 
@@ -258,7 +298,7 @@ def _printable(path: str) -> str:
 
 
 def refusal(error: GatewayError, request_id: str) -> web.Response:
-    """The CONTRACT.md JSON refusal for `error`, with X-Request-Id."""
+    """The JSON refusal for `error`, with X-Request-Id."""
     body = {"error": error.refusal.value, "detail": error.message}
     if isinstance(error, Invalid):
         body["field"] = error.field

@@ -10,8 +10,11 @@ response has been sent. Once streaming has begun, a failure aborts the connectio
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -19,12 +22,17 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
-from gateway.config import RouteConfig
-from gateway.errors import PayloadTooLarge
-from gateway.headers import response_headers
+from gateway.config import ClientLimits, RouteConfig
+from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from gateway.headers import merge_vary, response_headers
 from gateway.upstream import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("gateway.proxy")
+
+_BUFFERED_BODY = 64 * 1024  # bodies up to this size are read whole before going upstream
+# Write-buffer size below which a write cannot wait for the client (asyncio's default
+# high-water mark is 64 KiB; half of it leaves room for what aiohttp adds itself).
+_UNTIMED_WRITE = 32 * 1024
 
 
 @dataclass(slots=True)
@@ -55,10 +63,16 @@ class Forwarder:
         cors_headers: dict[str, str] | None,
         request_id: str,
         outcome: Outcome,
+        limits: ClientLimits,
     ) -> web.StreamResponse:
         """Forward `request` to `route`'s upstream at `upstream_path` (already encoded)."""
         target = upstream_path + "?" + query if query else upstream_path
-        body, length = _request_body(request, body_limit)
+        stream, length = _request_body(request, body_limit)
+        body: StreamReader | bytes | None = stream
+        if stream is not None and length is not None and length <= _BUFFERED_BODY:
+            # Small bodies are read whole before an upstream connection is taken, so a
+            # client sending them slowly holds no pool slot while it does (as nginx does).
+            body = await _read_whole(stream, limits.body_timeout)
         pool = self._client.pool_for(route.name, route.upstream, route.max_connections)
         sent = time.perf_counter()
         upstream = await self._client.send(
@@ -70,11 +84,14 @@ class Forwarder:
             length=length,
             body_limit=body_limit,
             timeout=route.timeout,
+            body_timeout=limits.body_timeout,
         )
         outcome.upstream_status = upstream.status
         outcome.upstream_seconds = time.perf_counter() - sent
         try:
-            return await self._relay(request, upstream, cors_headers, request_id, outcome)
+            return await self._relay(
+                request, upstream, cors_headers, request_id, outcome, limits.send_timeout
+            )
         finally:
             upstream.release()
 
@@ -85,6 +102,7 @@ class Forwarder:
         cors_headers: dict[str, str] | None,
         request_id: str,
         outcome: Outcome,
+        send_timeout: float,
     ) -> web.StreamResponse:
         headers = response_headers(
             upstream.headers, drop_cors=cors_headers is not None, request_id=request_id
@@ -92,16 +110,33 @@ class Forwarder:
         if cors_headers:
             for name, value in cors_headers.items():
                 if name == "Vary" and "Vary" in headers:
-                    value = f"{headers['Vary']}, {value}"
+                    # Every Vary line the upstream sent counts: a shared cache that lost one
+                    # (Authorization, Cookie) could serve one user's answer to another.
+                    value = merge_vary(headers.popall("Vary"), value)
                 headers[name] = value
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        transport = request.transport
         try:
             await response.prepare(request)
             if request.method != "HEAD":
                 content = upstream.content
                 while chunk := await content.readany():
-                    await response.write(chunk)
-            await response.write_eof()
+                    if transport is not None and _may_block(transport, len(chunk)):
+                        async with _sending(send_timeout):
+                            await response.write(chunk)
+                    else:
+                        await response.write(chunk)
+            if transport is not None and _may_block(transport, 0):
+                async with _sending(send_timeout):
+                    await response.write_eof()
+            else:
+                await response.write_eof()
+        except _ClientStalled:
+            # The client stopped taking its answer: free the upstream connection and the
+            # memory buffered for it instead of holding both for as long as it likes.
+            outcome.error = "send_timeout"
+            upstream.close()
+            _abort(request)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The client went away: stop reading the upstream quietly.
             outcome.client_gone = True
@@ -117,11 +152,59 @@ class Forwarder:
         return response
 
 
+class _ClientStalled(Exception):
+    """The client took no byte of its response for `limits.send_timeout` seconds."""
+
+
+@contextlib.asynccontextmanager
+async def _sending(timeout: float) -> AsyncIterator[None]:
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError as exc:
+        raise _ClientStalled from exc
+
+
+def _may_block(transport: asyncio.Transport, size: int) -> bool:
+    """Whether writing `size` more bytes could wait for the client (its buffer reaching the high-water mark).
+
+    Below it a write returns at once, so the common small answer needs no timer.
+    """
+    return transport.get_write_buffer_size() + size > _UNTIMED_WRITE
+
+
+async def _read_whole(body: StreamReader, timeout: float) -> bytes:
+    """The whole of a small request body; RequestTimeout when the client pauses for `timeout` seconds."""
+    parts: list[bytes] = []
+    try:
+        while True:
+            async with asyncio.timeout(timeout):
+                chunk = await body.readany()
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the request body paused for more than {timeout:g}s") from exc
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise BadRequest("the request body could not be read (connection closed or malformed)") from exc
+
+
 def _abort(request: web.BaseRequest) -> None:
     # Headers are out: the only honest signal left is a truncated body and a closed connection.
     transport = request.transport
     if transport is not None:
         transport.close()
+
+
+def refuse_transfer_codings(request: web.BaseRequest) -> None:
+    """Raise BadRequest unless Transfer-Encoding is absent or exactly `chunked`.
+
+    The parser only removes the chunked framing: any other transfer-coding (`gzip, chunked`)
+    would be silently lost on the way upstream, so the body sent would not be the one framed.
+    """
+    codings = request.headers.getall("Transfer-Encoding", ())
+    if codings and [c.strip().lower() for v in codings for c in v.split(",")] != ["chunked"]:
+        raise BadRequest("a transfer-coding other than 'chunked' is not supported")
 
 
 def refuse_oversized(request: web.BaseRequest, limit: int) -> None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -31,8 +33,7 @@ from types import FrameType
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
-from gateway.admin import build_admin_app
-from gateway.app import Gateway, build_proxy_server, build_settings
+from gateway.app import ADMIN_MAX_CONNECTIONS, Gateway, build_admin_runner, build_proxy_server, build_settings
 from gateway.config import Address, Config, load_config
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.logs import configure as configure_logging
@@ -78,11 +79,8 @@ async def run_worker(
         )
     ]
     if admin is not None:
-        admin_runner = web.AppRunner(
-            build_admin_app(gateway.admin_context()),
-            access_log=None,
-            keepalive_timeout=config.keepalive_timeout,
-            shutdown_timeout=10,
+        admin_runner = build_admin_runner(
+            gateway, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=10
         )
         sites.append((admin_runner, admin))
     runners: list[web.BaseRunner] = []
@@ -128,6 +126,7 @@ def serve(config: Config, workers: int = 1) -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    config = _fit_file_limit(config)
     proxies = _bind_proxies(config.proxy_listen, workers)
     admin = bind(config.admin_listen)
     try:
@@ -143,6 +142,33 @@ def serve(config: Config, workers: int = 1) -> None:
         for sock in proxies:
             sock.close()
         admin.close()
+
+
+# File descriptors kept free of client connections: the store, logs, listening sockets.
+_RESERVED_FDS = 64
+
+
+def _fit_file_limit(config: Config) -> Config:
+    """Raise the open-file limit to its hard maximum and fit `limits.max_connections` under it.
+
+    Each proxied connection may need a second descriptor for its upstream. A process that
+    runs out of descriptors cannot accept on either listener and, on some event loops, says
+    nothing; a cap below the limit keeps the admin listener reachable and is logged.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    fits = max(16, (soft - _RESERVED_FDS - ADMIN_MAX_CONNECTIONS) // 2)
+    if config.client.max_connections <= fits:
+        return config
+    log.warning(
+        "limits.max_connections lowered to fit the open-file limit",
+        extra={"configured": config.client.max_connections, "effective": fits, "open_file_limit": soft},
+    )
+    return dataclasses.replace(config, client=dataclasses.replace(config.client, max_connections=fits))
 
 
 def _bind_proxies(address: Address, workers: int) -> list[socket.socket]:

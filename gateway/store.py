@@ -66,8 +66,13 @@ class Principal:
     token_id: str
     token_name: str
     expires_at: datetime | None
-    roles: tuple[str, ...]
-    """Effective roles, sorted: the token's fixed list ∩ the user's roles, or the user's roles."""
+    user_roles: tuple[str, ...]
+    """The roles the user holds, sorted (as assigned; includes not expanded)."""
+    token_roles: tuple[str, ...] | None
+    """The token's own roles list, sorted; None = it carries the user's roles.
+
+    What a token carries depends on the policies (includes), so it is computed per request
+    with `RouteTable.carried`, never stored or cached here."""
     origins: frozenset[str]
     """The user's allowed origins (normalised)."""
 
@@ -99,13 +104,6 @@ async def translate_errors(conflict: str | None = None) -> AsyncIterator[None]:
         # Engines are built with hide_parameters=True, so this text holds no digest.
         log.debug("store error: %s", exc, exc_info=True)
         raise StoreUnavailable(UNREACHABLE) from exc
-
-
-def effective_roles(fixed: list[str] | None, user_roles: frozenset[str]) -> tuple[str, ...]:
-    """The roles a token carries now (CONTRACT.md "token")."""
-    if fixed is None:
-        return tuple(sorted(user_roles))
-    return tuple(sorted(user_roles.intersection(fixed)))
 
 
 class Store:
@@ -153,7 +151,8 @@ class Store:
             token_id=token_id,
             token_name=token_name,
             expires_at=expires_at,
-            roles=effective_roles(fixed, frozenset(roles or ())),
+            user_roles=tuple(sorted(set(roles or ()))),
+            token_roles=None if fixed is None else tuple(sorted(set(fixed))),
             origins=frozenset(origins or ()),
         )
 

@@ -1,4 +1,4 @@
-"""Times on the outside of the gateway: parse operator input, format output (CONTRACT.md "Times").
+"""Times on the outside of the gateway: parse operator input, format output (README "Command line").
 
 Imports: stdlib only. Pure functions.
 

@@ -1,4 +1,4 @@
-"""Token format of CONTRACT.md: generation, format/checksum check, and the stored digest.
+"""The token format (`gw_`, base62, checksum): generation, format/checksum check, and the stored digest.
 
 Imports: stdlib only. Pure functions; no I/O.
 

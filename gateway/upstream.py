@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import ssl
 import time
 from collections import deque
@@ -29,15 +30,19 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
-from gateway.errors import BadRequest, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout, UpstreamError, UpstreamTimeout
 
-_READ_BUFSIZE = 256 * 1024
+_READ_BUFSIZE = 128 * 1024  # the parser buffers up to twice this per connection (README "Slow clients")
 _KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # aiohttp's client sent Content-Length: 0 for these when there is no body; some upstreams want it.
 _LENGTH_REQUIRED = frozenset({"POST", "PUT", "PATCH"})
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _DISCONNECTS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+_MAX_HEAD = 64 * 1024
+# Control characters other than HTAB in a response header value or reason phrase (RFC 9110
+# section 5.5): relayed, they would break the client's parser or be read differently there.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +90,14 @@ class Connection(ResponseHandler):
         # from then on aiohttp's protocol runs it (restarted per chunk, stopped while the
         # client is slow to take the body, stopped at its end).
         self.awaiting_head = False
+        # The response head(s) read so far, until the final head is whole (see `_check_head`).
+        self._head: bytearray | None = None
 
     def prepare(self, head_only: bool, timeout: float) -> None:
         """Set up a fresh response parser for one request."""
         self.in_flight = True
         self.awaiting_head = True
+        self._head = bytearray()
         self.set_response_params(
             skip_payload=head_only,
             read_until_eof=True,
@@ -102,6 +110,7 @@ class Connection(ResponseHandler):
         """The exchange is over: no read timer may outlive it, and no byte is expected."""
         self.in_flight = False
         self.awaiting_head = False
+        self._head = None
         self._drop_timeout()
 
     def data_received(self, data: bytes) -> None:
@@ -109,7 +118,40 @@ class Connection(ResponseHandler):
             self.force_close()
             self.close()
             return
+        if self._head is not None and data and not self._check_head(data):
+            self.set_exception(HttpProcessingError(message="a response header line ends in a bare LF"))
+            if self.transport is not None:
+                self.transport.close()
+            return
         super().data_received(data)
+
+    def _check_head(self, data: bytes) -> bool:
+        """False when a response head has a line ending in LF alone.
+
+        aiohttp's response parser accepts bare LF as a line end, so `X-A: a\nSet-Cookie: x`
+        would reach the client as two headers: a header injected by whoever controls one
+        header value upstream. Only the heads are checked (bodies may hold any byte); 1xx
+        heads are followed by another head.
+        """
+        head = self._head
+        assert head is not None
+        start = len(head)
+        head += data
+        while True:
+            end = head.find(b"\r\n\r\n", max(0, start - 3))
+            region = head if end < 0 else head[: end + 4]
+            if region.count(b"\n") != region.count(b"\r\n"):
+                return False
+            if end < 0:
+                if len(head) > _MAX_HEAD:
+                    self._head = None  # aiohttp's parser refuses a head this long itself
+                return True
+            interim = head[9:10] == b"1" and head[9:12] != b"101"
+            del head[: end + 4]
+            if not interim:
+                self._head = None
+                return True
+            start = 0
 
 
 class UpstreamResponse:
@@ -322,21 +364,28 @@ class UpstreamClient:
         target: str,
         headers: Mapping[str, str],
         *,
-        body: StreamReader | None,
+        body: StreamReader | bytes | None,
         length: int | None,
         body_limit: int,
         timeout: float,
+        body_timeout: float = 30.0,
     ) -> UpstreamResponse:
         """Send one request and wait for its response head (1xx skipped).
 
-        `target` is the encoded path and query after the endpoint's base path; `body`
-        streams with Content-Length `length`, or chunked when `length` is None. A reused
-        connection the upstream closed in the meantime is retried once on a new one for
-        idempotent requests without a body, as every HTTP client does.
+        `target` is the encoded path and query after the endpoint's base path; `body` is
+        bytes already read whole (sent with the head), or a stream sent with Content-Length
+        `length`, or chunked when `length` is None; a client that pauses a streamed body for
+        `body_timeout` seconds gets 408. A reused connection the upstream closed in the
+        meantime is retried once on a new one for idempotent requests whose body is not a
+        stream, as every HTTP client does.
         """
-        head = _request_head(
-            method, pool.endpoint, target, headers, None if body is None else length, body is not None
-        )
+        if isinstance(body, bytes):
+            head = _request_head(method, pool.endpoint, target, headers, len(body), True) + body
+            body = None
+        else:
+            head = _request_head(
+                method, pool.endpoint, target, headers, None if body is None else length, body is not None
+            )
         retry = body is None and method in _IDEMPOTENT
         protocol, reused = await pool.acquire(fresh=False, timeout=timeout)
         while True:
@@ -352,7 +401,9 @@ class UpstreamClient:
                 protocol.start_timeout()
             else:
                 counter = _BodyCounter(body_limit if length is None else None)
-                writer = asyncio.create_task(_write_body(protocol, body, length is None, counter, timeout))
+                writer = asyncio.create_task(
+                    _write_body(protocol, body, length is None, counter, timeout, body_timeout)
+                )
             try:
                 message, payload = await _read_head(protocol, writer)
             except TimeoutError as exc:
@@ -360,8 +411,14 @@ class UpstreamClient:
                 if writer is not None:
                     writer.cancel()
                 raise UpstreamTimeout(f"upstream did not answer within {timeout:g}s") from exc
-            except (ClientError, OSError, HttpProcessingError) as exc:
-                # HttpProcessingError: the upstream's answer is not HTTP/1.x.
+            except HttpProcessingError as exc:
+                # Not HTTP/1.x, or a head we refuse to relay (bare LF, control characters).
+                pool.release(protocol, reusable=False)
+                if writer is not None:
+                    writer.cancel()
+                _raise_body_error(counter)
+                raise UpstreamError(f"the upstream's answer is malformed ({exc.message})") from exc
+            except (ClientError, OSError) as exc:
                 pool.release(protocol, reusable=False)
                 if writer is not None:
                     writer.cancel()
@@ -398,6 +455,7 @@ async def _read_head(
     while True:
         message, payload = await protocol.read()
         if not 100 <= message.code <= 199:
+            _check_fields(message)
             return message, payload
         if message.code == 101:
             # Never asked for (Upgrade is stripped): the connection is no longer HTTP.
@@ -407,6 +465,13 @@ async def _read_head(
         # by the body writer once it has sent everything.
         if writer is None or writer.done():
             protocol.start_timeout()
+
+
+def _check_fields(message: RawResponseMessage) -> None:
+    """Raise HttpProcessingError when a header value or the reason phrase holds a control character."""
+    values = b"".join(value for _, value in message.raw_headers)
+    if _CONTROL.search(values) is not None or _CONTROL.search(message.reason.encode("utf-8", "replace")):
+        raise HttpProcessingError(message="a response header holds a control character")
 
 
 def _is_disconnect(exc: BaseException) -> bool:
@@ -419,32 +484,51 @@ def _is_disconnect(exc: BaseException) -> bool:
 class _BodyCounter:
     """How much of a body of unknown length has gone upstream, against the route's limit."""
 
-    __slots__ = ("limit", "sent", "exceeded")
+    __slots__ = ("limit", "sent", "exceeded", "stalled")
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.sent = 0
         self.exceeded = False
+        self.stalled: float | None = None  # the body timeout, when the client paused longer
 
 
 def _raise_body_error(counter: _BodyCounter | None) -> None:
-    if counter is not None and counter.exceeded:
+    if counter is None:
+        return
+    if counter.exceeded:
         raise PayloadTooLarge(f"request body is larger than the limit of {counter.limit} bytes")
+    if counter.stalled is not None:
+        raise RequestTimeout(f"the request body paused for more than {counter.stalled:g}s")
 
 
 async def _write_body(
-    protocol: Connection, body: StreamReader, chunked: bool, counter: _BodyCounter, timeout: float
+    protocol: Connection,
+    body: StreamReader,
+    chunked: bool,
+    counter: _BodyCounter,
+    timeout: float,
+    body_timeout: float,
 ) -> None:
     """Stream the client's body upstream with back-pressure; start the read timeout after it.
 
     An upstream that stops reading the body for `timeout` seconds gets the same
     treatment as one that stops answering: the connection is cut and the request is a 504.
+    A client that pauses its body for `body_timeout` seconds loses the upstream connection
+    it holds (a slow client must not keep a pool slot): 408.
     """
     limit = counter.limit
     loop = asyncio.get_running_loop()
     try:
         while True:
-            chunk = await body.readany()
+            try:
+                async with asyncio.timeout(body_timeout):
+                    chunk = await body.readany()
+            except TimeoutError:
+                counter.stalled = body_timeout
+                protocol.abort()
+                protocol.set_exception(ServerDisconnectedError("the client paused its request body"))
+                return
             if not chunk:
                 break
             counter.sent += len(chunk)

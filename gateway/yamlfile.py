@@ -3,7 +3,7 @@
 Imports: errors, PyYAML.
 
 Owns the one YAML loader of the gateway. PyYAML's ``safe_load`` has three traps
-for a security product's config (ARCHITECTURE.md section 5): it keeps the last of
+for a security product's config: it keeps the last of
 two duplicate keys silently, it reads ``yes``/``no``/``on``/``off`` as booleans
 (so ``strip_prefix: no`` or a role named ``on`` mean something else than
 written), and it forgets where things were, so errors cannot say ``file:line``.

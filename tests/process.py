@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -22,10 +23,22 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _limit_files(count: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
 class GatewayProcess:
     """A `gateway serve` child process with its own ports; stop() ends it."""
 
-    def __init__(self, config: Path, *, extra_env: dict[str, str] | None = None, workers: int = 1) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        workers: int = 1,
+        open_files: int | None = None,
+    ) -> None:
+        """Start the child; `open_files` caps its RLIMIT_NOFILE (soft and hard)."""
         self.config = config
         self.proxy_port = free_port()
         self.admin_port = free_port()
@@ -45,6 +58,7 @@ class GatewayProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=config.parent,
+            preexec_fn=None if open_files is None else lambda: _limit_files(open_files),
         )
 
     @property

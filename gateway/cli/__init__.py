@@ -1,4 +1,4 @@
-"""The command line of CONTRACT.md: ``gateway [--config PATH] COMMAND ...``.
+"""The command line (README "Command line"): ``gateway [--config PATH] COMMAND ...``.
 
 Imports: cli.commands (and through it config, policy, store, services; app lazily).
 

@@ -1,4 +1,4 @@
-"""The commands: serve, check, user …, token …, audit list (CONTRACT.md "Command line").
+"""The commands: serve, check, user …, token …, audit list (README "Command line").
 
 Imports: cli.session, cli.output, services, policy and app (lazily).
 """
@@ -230,7 +230,10 @@ def token() -> None:
 @TOKEN_USER
 @click.option("--expires-at", type=TimeType(), help="ISO 8601 date or date-time (UTC unless a zone is given)")
 @click.option("--description", help="what the token is for")
-@click.option("--roles", help="comma-separated subset of the user's roles (default: follow the user's roles)")
+@click.option(
+    "--roles",
+    help="comma-separated roles the user holds or reaches via includes (default: follow the user's roles)",
+)
 @pass_session
 def token_set(
     session: Session,

@@ -20,7 +20,7 @@ from sqlalchemy.exc import ArgumentError
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError, StoreUnavailable
-from gateway.services import Directory
+from gateway.services import Directory, RoleGraph
 from gateway.store import open_store
 
 T = TypeVar("T")
@@ -68,16 +68,16 @@ class Session:
                 fail(exc)
         return self._config
 
-    def defined_roles(self) -> Callable[[], frozenset[str]]:
-        """Role names of policies/, loaded on first use, so that commands granting no
-        role (list, delete, token reset...) keep working while policies/ is broken."""
-        cache: list[frozenset[str]] = []
+    def policies(self) -> Callable[[], RoleGraph]:
+        """The roles of policies/, loaded on first use, so that commands that need no role
+        (list, delete, token reset...) keep working while policies/ is broken."""
+        cache: list[RoleGraph] = []
 
-        def roles() -> frozenset[str]:
+        def roles() -> RoleGraph:
             if not cache:
                 from gateway.policy import load_route_table
 
-                cache.append(load_route_table(self.config()).role_names())
+                cache.append(load_route_table(self.config()))
             return cache[0]
 
         return roles
@@ -89,7 +89,7 @@ class Session:
         async def go() -> T:
             store = await open_store(config.store_url, migrate=True)
             try:
-                return await work(Directory(store, self.defined_roles()))
+                return await work(Directory(store, self.policies()))
             finally:
                 await store.close()
 

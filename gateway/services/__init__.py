@@ -5,11 +5,11 @@ Imports: store, models, tokens, config (origin normalisation), timeparse, errors
 Every mutation is one write transaction that also inserts its audit event and its
 change-feed row (so another process that sees the change also sees the audit, and a
 failed write leaves neither). Results are frozen views (``services.views``) whose
-``to_json()`` gives exactly CONTRACT.md's admin API objects; none of them ever holds a
-token secret (``create_token``/``reset_token`` hand it back separately, once).
+``to_json()`` gives exactly the admin API objects (README "Admin listener and REST API");
+none of them ever holds a token secret (``create_token``/``reset_token`` hand it back separately, once).
 
 Errors: Invalid (422, names the field), NotFound (404), Conflict (409),
-StoreUnavailable (503); ConfigError when `defined_roles` cannot load policies/.
+StoreUnavailable (503); ConfigError when `policies` cannot load policies/.
 
 Layout: ``base`` (rules, transactions, audit), ``users`` and ``tokens`` (the two halves
 of `Directory`), ``views`` (results).
@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from gateway.errors import Invalid
 from gateway.models import AuditEvent
-from gateway.services.base import DEFAULT_ROLE, NAME_PATTERN, validate_name
+from gateway.services.base import DEFAULT_ROLE, NAME_PATTERN, RoleGraph, validate_name
 from gateway.services.tokens import TokenOperations
 from gateway.services.users import UserOperations
 from gateway.services.views import UNSET, AuditView, RoleView, TokenView, Unset, UserView
@@ -37,6 +37,7 @@ __all__ = [
     "UNSET",
     "AuditView",
     "Directory",
+    "RoleGraph",
     "RoleView",
     "TokenView",
     "Unset",
@@ -50,8 +51,10 @@ MAX_AUDIT_LIMIT: Final = 1000
 class Directory(UserOperations, TokenOperations):
     """Service users, their roles, origins and tokens, with audit events and the change feed.
 
-    `defined_roles` is called whenever a role is granted, so a reloaded policies/
-    applies at once; it may raise ConfigError (the CLI loads policies lazily).
+    `Directory(store, policies)`: `policies()` returns the live roles as a `RoleGraph` (the
+    gateway passes its current `RouteTable`); it is called whenever roles are granted, given
+    to a token or removed, so a reloaded policies/ applies at once. It may raise ConfigError
+    (the CLI loads policies/ lazily).
     """
 
     async def list_audit(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,7 +25,23 @@ NAME_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULT_ROLE: Final = "service-user-project-admin"
 ADMIN_NO_ROLES: Final = "admin identities hold no roles"
 ADMIN_NO_ORIGINS: Final = "admin identities hold no allowed origins"
-SUBSET: Final = "roles must be a subset of the user's roles"
+
+
+class RoleGraph(Protocol):
+    """What the service layer needs from the live policies/ (a `policy.RouteTable` is one)."""
+
+    def role_names(self) -> frozenset[str]:
+        """Names of the roles policies/ defines."""
+        ...
+
+    def reachable(self, roles: Iterable[str]) -> frozenset[str]:
+        """The role names in `roles` plus every role they reach through `includes`."""
+        ...
+
+
+def not_held(role: str, user: str) -> Invalid:
+    """The error for a token role its user neither holds nor reaches through `includes`."""
+    return Invalid("roles", f"role '{role}' is not held by user '{user}'")
 
 
 def validate_name(name: str, field: str = "name") -> str:
@@ -101,13 +117,15 @@ def user_view(user: ServiceUser, roles: Iterable[RoleAssignment], origins: Itera
 class DirectoryBase:
     """State and helpers shared by the user and token operations of `Directory`.
 
-    `defined_roles` is called whenever a role is granted, so a reloaded policies/
-    applies at once; it may raise ConfigError (the CLI loads policies lazily).
+    `policies` gives the live roles (names and `includes`); it is called whenever roles are
+    granted, given to a token or removed, so a reloaded policies/ applies at once. It may
+    raise ConfigError (the CLI loads policies/ lazily, so commands that need no roles keep
+    working while policies/ is broken).
     """
 
-    def __init__(self, store: Store, defined_roles: Callable[[], frozenset[str]]) -> None:
+    def __init__(self, store: Store, policies: Callable[[], RoleGraph]) -> None:
         self._store = store
-        self._defined_roles = defined_roles
+        self._policies = policies
 
     @asynccontextmanager
     async def _write(self, conflict: str | None = None) -> AsyncIterator[AsyncSession]:
@@ -119,9 +137,12 @@ class DirectoryBase:
         async with translate_errors(), self._store.sessions() as session:
             yield session
 
-    def _check_defined(self, roles: Iterable[str]) -> list[str]:
+    def _check_defined(self, roles: Iterable[str], graph: RoleGraph | None = None) -> list[str]:
+        """`roles` sorted and distinct, if policies/ defines each; else Invalid naming the first."""
         wanted = sorted(set(as_list(roles, "roles")))
-        defined = self._defined_roles()
+        if not wanted:
+            return wanted
+        defined = (graph if graph is not None else self._policies()).role_names()
         for role in wanted:
             if role not in defined:
                 raise Invalid("roles", f"role '{role}' is not defined in policies/")

@@ -13,7 +13,7 @@ from sqlalchemy import delete, exists, select
 from gateway import tokens
 from gateway.errors import Conflict, Invalid
 from gateway.models import Token
-from gateway.services.base import SUBSET, DirectoryBase, as_list, token_view, validate_name
+from gateway.services.base import DirectoryBase, not_held, token_view, validate_name
 from gateway.services.views import TokenView
 from gateway.timeparse import format_time, to_utc, utcnow
 
@@ -31,21 +31,30 @@ class TokenOperations(DirectoryBase):
         expires_at: datetime | None = None,
         roles: Sequence[str] | None = None,
     ) -> tuple[TokenView, str]:
-        """Issue a token; returns (view, secret). The secret is not stored and never shown again."""
+        """Issue a token; returns (view, secret). The secret is not stored and never shown again.
+
+        `roles` (None: follow the user's roles) may name any role policies/ defines that the
+        user holds or reaches through `includes`; the proxy intersects the list with what the
+        user holds or reaches at each request (README "Command line").
+        """
         validate_name(name)
         now = utcnow()
         if expires_at is not None:
             expires_at = to_utc(expires_at)
             if expires_at <= now:
                 raise Invalid("expires_at", f"expires_at {format_time(expires_at)} is not in the future")
-        fixed = None if roles is None else sorted(set(as_list(roles, "roles")))
+        # One version of policies/ for both checks, even if a reload lands in between.
+        graph = self._policies() if roles else None
+        fixed = None if roles is None else self._check_defined(roles, graph)
         conflict = f"token '{name}' already exists for user '{user}'"
         async with self._write(conflict=conflict) as session:
             owner = await self._user(session, user, lock=True)
-            if fixed is not None:
-                held = {row.role for row in await self._role_rows(session, owner.id)}
-                if not held.issuperset(fixed):
-                    raise Invalid("roles", SUBSET)
+            if graph is not None and fixed:
+                held = [row.role for row in await self._role_rows(session, owner.id)]
+                reach = graph.reachable(held)
+                for role in fixed:
+                    if role not in reach:
+                        raise not_held(role, user)
             taken = exists().where(Token.user_id == owner.id, Token.name == name)
             if await session.scalar(select(taken)):
                 raise Conflict(conflict)

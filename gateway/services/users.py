@@ -127,7 +127,8 @@ class UserOperations(DirectoryBase):
     ) -> UserView:
         """Change a user; `roles`/`origins` replace the whole set (PATCH), the others are deltas.
 
-        A removed role is also removed from every fixed roles list of the user's tokens.
+        When roles are removed, a token's fixed roles list loses every role the user then
+        neither holds nor reaches through `includes` (`_strip_token_roles`).
         Nothing changed: no audit event and no change-feed row.
         """
         add_roles, remove_roles = as_list(add_roles, "roles"), as_list(remove_roles, "roles")
@@ -173,7 +174,7 @@ class UserOperations(DirectoryBase):
                         RoleAssignment.user_id == user.id, RoleAssignment.role.in_(revoked)
                     )
                 )
-                stripped = await self._strip_token_roles(session, user.id, set(revoked))
+                stripped = await self._strip_token_roles(session, user.id, target_roles)
                 if stripped:
                     detail["token_roles_removed"] = stripped
             new_rows = [
@@ -212,19 +213,28 @@ class UserOperations(DirectoryBase):
             return user_view(user, kept + new_rows, target_origins)
 
     async def _strip_token_roles(
-        self, session: AsyncSession, user_id: int, revoked: set[str]
+        self, session: AsyncSession, user_id: int, remaining: set[str]
     ) -> dict[str, list[str]]:
-        """Remove `revoked` from the fixed roles lists of the user's tokens; token name → removed."""
+        """Drop from the fixed roles lists of the user's tokens every role the user no longer
+        holds or reaches through `includes` with `remaining`; token name → roles dropped.
+
+        Dropped for good: granting the role again later does not give it back to the token.
+        """
         stripped: dict[str, list[str]] = {}
-        fixed = await session.scalars(
-            select(Token).where(Token.user_id == user_id, Token.roles.is_not(None)).order_by(Token.name)
+        fixed = list(
+            await session.scalars(
+                select(Token).where(Token.user_id == user_id, Token.roles.is_not(None)).order_by(Token.name)
+            )
         )
+        if not fixed:
+            return stripped  # policies/ is not needed (nor loaded, in the CLI)
+        reach = self._policies().reachable(remaining)
         for token in fixed:
             current = list(token.roles or [])
-            gone = sorted(revoked.intersection(current))
+            gone = sorted(role for role in set(current) if role not in reach)
             if gone:
                 # A new list object, so the ORM sees the JSON column change.
-                token.roles = [role for role in current if role not in revoked]
+                token.roles = [role for role in current if role in reach]
                 stripped[token.name] = gone
         return stripped
 

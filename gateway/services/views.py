@@ -1,4 +1,4 @@
-"""The service layer's results: frozen views whose ``to_json()`` is CONTRACT.md's admin API objects.
+"""The service layer's results: frozen views whose ``to_json()`` is the admin API's objects (README).
 
 Imports: timeparse. Absent values are null (never a missing key); times are UTC "...Z"
 to the second. No view has a field for a token secret.
@@ -38,7 +38,7 @@ class RoleView:
     assigned_at: datetime
 
     def to_json(self) -> dict[str, object]:
-        """The `roles` item of CONTRACT.md's user object."""
+        """The `roles` item of the admin API's user object."""
         return {"name": self.name, "assigned_by": self.assigned_by, "assigned_at": _time(self.assigned_at)}
 
 
@@ -66,7 +66,7 @@ class UserView:
         return tuple(role.name for role in self.roles)
 
     def to_json(self) -> dict[str, object]:
-        """CONTRACT.md's user object (absent values are null)."""
+        """The admin API's user object (absent values are null)."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -100,7 +100,7 @@ class TokenView:
         return self.expires_at is not None and (now or utcnow()) >= self.expires_at
 
     def to_json(self, now: datetime | None = None) -> dict[str, object]:
-        """CONTRACT.md's token object (absent values are null)."""
+        """The admin API's token object (absent values are null)."""
         return {
             "id": self.id,
             "name": self.name,
@@ -127,7 +127,7 @@ class AuditView:
     detail: dict[str, object]
 
     def to_json(self) -> dict[str, object]:
-        """CONTRACT.md's audit event object."""
+        """The admin API's audit event object."""
         return {
             "id": self.id,
             "at": _time(self.at),

@@ -58,7 +58,7 @@ async def test_bad_admin_credentials_are_401_with_the_matching_code(admin: Admin
     _, old = await directory.create_token("root", "old", actor="test")
     assert (await admin.call("GET", "/v1/roles", token=old)).status == 200
     await directory.expire_token("root", "old", actor="test")
-    admin.gateway.changed("root")
+    await admin.gateway.changed("root")
     expired = await admin.call("GET", "/v1/roles", token=old)
     assert_error(expired, 401, "token_expired")
     assert re.fullmatch(r"token 'old' expired on \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", expired.body["detail"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.admin.conftest import Admin, assert_error, issue
 
 MakeAdmin = Callable[..., Awaitable[Admin]]
@@ -144,6 +146,35 @@ async def test_metrics_count_proxied_requests_refusals_and_cache(admin: Admin) -
     assert value("gateway_token_cache_hits_total") >= 2
     assert value("gateway_store_healthy") == 1
     assert secret not in metrics.text
+
+
+async def scrape(admin: Admin) -> dict[str, tuple[str, float]]:
+    """/metrics parsed by prometheus_client's own text parser: sample name → (family type, value)."""
+    text = (await admin.call("GET", "/metrics", token=None)).text
+    return {
+        sample.name: (family.type, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+async def test_metric_types_are_what_their_names_promise(admin: Admin) -> None:
+    """The token cache totals are counters (promtool refuses a gauge named `*_total`)."""
+    secret = (await issue(admin))["token"]
+    for _ in range(3):
+        assert await admin.proxy_status(secret) == 200
+    samples = await scrape(admin)
+    hits_type, hits = samples["gateway_token_cache_hits_total"]
+    misses_type, misses = samples["gateway_token_cache_misses_total"]
+    assert (hits_type, misses_type) == ("counter", "counter")
+    assert hits >= 2 and misses >= 1
+    for name, (kind, _) in samples.items():
+        if name.endswith("_total"):
+            assert kind == "counter", name
+    # A later scrape counts on from the same totals (nothing reset or doubled).
+    assert await admin.proxy_status(secret) == 200
+    assert (await scrape(admin))["gateway_token_cache_hits_total"] == ("counter", hits + 1)
 
 
 async def test_admin_cors_when_origins_are_configured(make_admin: MakeAdmin) -> None:

@@ -89,8 +89,12 @@ async def test_token_errors(admin: Admin) -> None:
         ({"name": "x", "secret": "gw_mine"}, "secret"),
     ):
         assert_error(await admin.call("POST", post, json=body), 422, "invalid", field)
-    subset = await admin.call("POST", post, json={"name": "x", "roles": ["other"]})
-    assert subset.body["detail"] == "roles must be a subset of the user's roles"
+    not_held = await admin.call("POST", post, json={"name": "x", "roles": ["reader", "other"]})
+    assert_error(not_held, 422, "invalid", "roles")
+    assert not_held.body["detail"] == "role 'other' is not held by user 'svc'"
+    undefined = await admin.call("POST", post, json={"name": "x", "roles": ["ghost"]})
+    assert_error(undefined, 422, "invalid", "roles")
+    assert undefined.body["detail"] == "role 'ghost' is not defined in policies/"
     past = await admin.call("POST", post, json={"name": "x", "expires_at": "2000-01-01"})
     assert "2000-01-01T00:00:00Z" in past.body["detail"]
     missing = await admin.call("POST", "/v1/service-users/svc/tokens/nope/reset")
@@ -101,7 +105,11 @@ async def test_token_errors(admin: Admin) -> None:
         ("DELETE", "/v1/service-users/svc/tokens/nope"),
     ):
         assert_error(await admin.call(method, path), 404, "not_found")
-    # Fixed roles must be held; an empty list is allowed (the token then holds no permission).
+    # Fixed roles must be held or reached (writer includes reader); an empty list is allowed
+    # (the token then holds no permission).
+    reader = await admin.call("POST", post, json={"name": "ro", "roles": ["reader"]})
+    assert reader.status == 201 and reader.body["roles"] == ["reader"]
+    assert await admin.proxy_status(reader.body["token"]) == 200
     empty = await admin.call("POST", post, json={"name": "none", "roles": []})
     assert empty.status == 201 and empty.body["roles"] == []
     assert await admin.proxy_status(empty.body["token"]) == 403

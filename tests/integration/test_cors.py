@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from tests.conftest import Harness
+from tests.conftest import Harness, eventually
 from tests.upstream import SEEN
 
 APP = "http://app.example:3000"
@@ -125,15 +123,21 @@ async def test_origin_removal_applies_and_disabled_users_do_not_count(harness: H
     ok = await harness.client.options("/app/items", headers=preflight_headers(APP))
     assert ok.status == 204
     await harness.directory.update_user("spa", actor="test", remove_origins=[APP])
-    await asyncio.sleep(0.6)  # the change feed polls every 250 ms
+    await eventually(lambda: preflight_status(harness, 403))  # through the change feed
     refused = await harness.client.get(
         "/app/items", headers={"Origin": APP, "Authorization": f"Bearer {token}"}
     )
     assert refused.status == 403
     assert (await harness.client.options("/app/items", headers=preflight_headers(APP))).status == 403
-    await harness.directory.update_user("spa", actor="test", add_origins=[APP], disabled=True)
-    await asyncio.sleep(0.6)
-    assert (await harness.client.options("/app/items", headers=preflight_headers(APP))).status == 403
+    await harness.directory.update_user("spa", actor="test", add_origins=[APP])
+    await eventually(lambda: preflight_status(harness, 204))
+    await harness.directory.update_user("spa", actor="test", disabled=True)
+    await eventually(lambda: preflight_status(harness, 403))
+
+
+async def preflight_status(harness: Harness, status: int) -> bool:
+    """Whether a preflight for APP to /app/items now answers `status`."""
+    return (await harness.client.options("/app/items", headers=preflight_headers(APP))).status == status
 
 
 async def test_routes_without_cors_leave_origin_to_the_upstream(harness: Harness) -> None:

@@ -30,7 +30,7 @@ async def served(tmp_path: Path, upstream: TestServer) -> AsyncIterator[tuple[Ga
     )
     config = load_config(config_path, env={})
     gateway = await Gateway.open(config)
-    directory = Directory(gateway.store, gateway.pipeline.settings.table.role_names)
+    directory = Directory(gateway.store, lambda: gateway.pipeline.settings.table)
     await directory.create_user("streamer", actor="test", roles=["writer"])
     _, token = await directory.create_token("streamer", "big", actor="test")
     await gateway.close()
@@ -129,7 +129,7 @@ async def test_refused_upstream_is_502(tmp_path: Path, store_url: str) -> None:
     try:
         from aiohttp.test_utils import TestClient
 
-        directory = Directory(gateway.store, gateway.pipeline.settings.table.role_names)
+        directory = Directory(gateway.store, lambda: gateway.pipeline.settings.table)
         await directory.create_user("u", actor="test", roles=["writer"])
         _, token = await directory.create_token("u", "t", actor="test")
         async with TestClient(proxy_test_server(gateway)) as client:

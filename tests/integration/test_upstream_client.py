@@ -174,8 +174,12 @@ routes:
 """
 
 
-def write_gateway_config(directory: Path, port: int, **echo_options: float | int) -> Path:
-    """gateway.yaml (route echo → /echo, route other → /other, same upstream) and policies/."""
+def write_gateway_config(directory: Path, port: int, **echo_options: float | int | str) -> Path:
+    """gateway.yaml (route echo → /echo, route other → /other, same upstream) and policies/.
+
+    `limits="key: value"` sets one key of the top-level `limits` block instead of a route key.
+    """
+    limits = echo_options.pop("limits", None)
     (directory / "policies").mkdir(exist_ok=True)
     (directory / "policies" / "policy.yaml").write_text(POLICIES)
     echo = {"timeout": 2, **echo_options}
@@ -192,6 +196,7 @@ def write_gateway_config(directory: Path, port: int, **echo_options: float | int
         "routes:\n"
         f'  - name: echo\n    prefix: /echo\n    upstream: "http://127.0.0.1:{port}"\n{echo_lines}'
         f'  - name: other\n    prefix: /other\n    upstream: "http://127.0.0.1:{port}"\n{other_lines}'
+        + (f"limits:\n  {limits}\n" if limits else "")
     )
     return config
 
@@ -211,7 +216,7 @@ class Proxy:
 
 @contextlib.asynccontextmanager
 async def running(
-    tmp_path: Path, respond: Responder, **echo_options: float | int
+    tmp_path: Path, respond: Responder, **echo_options: float | int | str
 ) -> AsyncIterator[tuple[RawUpstream, Proxy]]:
     """A raw upstream answering with `respond`, and the gateway in front of it."""
     upstream = RawUpstream(respond)

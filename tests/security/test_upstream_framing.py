@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import RawTestServer, TestClient, get_port_socket
+from aiohttp.test_utils import TestClient, get_port_socket
 
-from gateway.app import PROXY_HANDLER_ARGS, Gateway
+from gateway.app import Gateway
 from gateway.config import load_config
 from tests.conftest import proxy_test_server
 from tests.integration.test_upstream_client import (
@@ -56,7 +56,7 @@ assert PUBLIC_POLICIES != POLICIES
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp_path: Path, respond: Responder, *, policies: str = POLICIES, **route_options: float | int
+    tmp_path: Path, respond: Responder, *, policies: str = POLICIES, **route_options: float | int | str
 ) -> AsyncIterator[tuple[RawUpstream, Proxy, Gateway]]:
     """`running` with chosen policies, also handing out the gateway (for reload)."""
     upstream = RawUpstream(respond)
@@ -244,9 +244,7 @@ async def early_answering(tmp_path: Path) -> AsyncIterator[tuple[EarlyAnswerUpst
     try:
         await gateway.directory.create_user("svc", actor="test", roles=["writer"])
         _, token = await gateway.directory.create_token("svc", "t", actor="test")
-        server = RawTestServer(
-            gateway.pipeline.handle, host="127.0.0.1", socket_factory=small_send_buffer, **PROXY_HANDLER_ARGS
-        )
+        server = proxy_test_server(gateway, socket_factory=small_send_buffer)
         async with TestClient(server) as client:
             yield upstream, Proxy(client, {"Authorization": f"Bearer {token}"})
     finally:
@@ -266,13 +264,14 @@ async def post_early(proxy: Proxy, upstream: EarlyAnswerUpstream, read_after: fl
     reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
     try:
         writer.write(
-            b"POST /echo/early HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 10\r\n"
+            # Chunked, so the gateway streams it (a small body of known length is read whole first).
+            b"POST /echo/early HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n"
             + f"Authorization: {proxy.headers['Authorization']}\r\n\r\n".encode()
         )
         await writer.drain()
         await until(lambda: len(upstream.exchanges) == 1)
         await asyncio.sleep(0.3)  # the gateway has taken the whole answer from the upstream by now
-        writer.write(b"0123456789")
+        writer.write(b"a\r\n0123456789\r\n0\r\n\r\n")
         await writer.drain()
         await until(lambda: upstream.exchanges[0].complete)  # the gateway's body writer is done
         await asyncio.sleep(read_after)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.models import Base
+from gateway.policy import Role, RouteTable
 from gateway.services import Directory
 from gateway.store import Store, open_store
 from tests.conftest import create_pg_database, drop_pg_database
@@ -19,6 +20,7 @@ from tests.conftest import create_pg_database, drop_pg_database
 T = TypeVar("T")
 
 ROLES = frozenset({"service-user-project-admin", "reader", "writer", "other"})
+INCLUDES = {"writer": ("reader",)}  # as in tests/conftest.py's DEFAULT_POLICIES
 ACTOR = "test:admin"
 
 
@@ -65,8 +67,19 @@ def defined_roles() -> set[str]:
     return set(ROLES)
 
 
+def role_table(names: Iterable[str]) -> RouteTable:
+    """A real RouteTable (no routes) defining `names`, with INCLUDES among them."""
+    defined = set(names)
+    return RouteTable(
+        {
+            name: Role(name, None, (), tuple(i for i in INCLUDES.get(name, ()) if i in defined), "test")
+            for name in defined
+        },
+        (),
+    )
+
+
 @pytest.fixture
 def directory(store: Store, defined_roles: set[str]) -> Directory:
-    """The service layer over the store, with ROLES defined."""
-    roles: Callable[[], frozenset[str]] = lambda: frozenset(defined_roles)  # noqa: E731
-    return Directory(store, roles)
+    """The service layer over the store, with ROLES defined (`writer` includes `reader`)."""
+    return Directory(store, lambda: role_table(defined_roles))

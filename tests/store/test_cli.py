@@ -230,7 +230,9 @@ def test_errors_exit_1_with_messages(gw: Run) -> None:
         (("user", "create", "y", "--origins", "ftp://x.example"), "error: "),
         (("token", "set", "t", "--user", "ghost"), "error: user 'ghost' not found"),
         (("token", "set", "t", "--user", "svc", "--roles", "writer"),
-         "error: roles must be a subset of the user's roles"),
+         "error: role 'writer' is not held by user 'svc'"),
+        (("token", "set", "t", "--user", "svc", "--roles", "reader,ghost"),
+         "error: role 'ghost' is not defined in policies/"),
         (("token", "set", "t", "--user", "svc", "--expires-at", "2000-01-01"), "error: expires_at"),
         (("token", "reset", "nope", "--user", "svc"), "error: token 'nope' not found for user 'svc'"),
         (("token", "expire", "nope", "--user", "svc"), "error: token 'nope' not found for user 'svc'"),
@@ -244,6 +246,32 @@ def test_errors_exit_1_with_messages(gw: Run) -> None:
     duplicate = gw("token", "set", "t", "--user", "svc", expect=1)
     assert duplicate.stderr.startswith("error: token 't' already exists for user 'svc'")
     assert "Access token" not in duplicate.stdout
+
+
+def test_token_roles_may_name_roles_reached_through_includes(gw: Run, config: Path) -> None:
+    """`token set --roles` takes any role the user holds or reaches; removals keep what it still reaches."""
+    included = textwrap.dedent(POLICIES).replace("writer: {", "writer: {includes: [reader], ")
+    (config.parent / "policies" / "roles.yaml").write_text(included)
+    gw("user", "create", "svc", "--roles", "writer")
+    done = gw("token", "set", "ro", "--user", "svc", "--roles", "reader")
+    assert "Roles: reader" in done.stdout.splitlines()
+    admin_role = "service-user-project-admin"
+    refused = gw("token", "set", "x", "--user", "svc", "--roles", f"reader,{admin_role}", expect=1)
+    assert refused.stderr == f"error: role '{admin_role}' is not held by user 'svc'\n"
+
+    def token_roles() -> list[str] | None:
+        [item] = json.loads(gw("token", "list", "--user", "svc", "--format", "json").stdout)["items"]
+        roles: list[str] | None = item["roles"]
+        return roles
+
+    gw("user", "update", "svc", "--add-roles", "reader")
+    gw("user", "update", "svc", "--remove-roles", "writer")
+    assert token_roles() == ["reader"]  # held directly now
+    gw("user", "update", "svc", "--add-roles", "writer")
+    gw("user", "update", "svc", "--remove-roles", "reader")
+    assert token_roles() == ["reader"]  # reached through writer
+    gw("user", "update", "svc", "--remove-roles", "writer")
+    assert token_roles() == []
 
 
 def test_usage_errors_exit_2(gw: Run, tmp_path: Path) -> None:

@@ -224,8 +224,11 @@ async def test_token_rules(directory: Directory) -> None:
     await directory.create_token("svc", "t", actor=ACTOR)
     with pytest.raises(Conflict):
         await directory.create_token("svc", "t", actor=ACTOR)
-    with pytest.raises(Invalid, match="^roles must be a subset of the user's roles$") as caught:
+    with pytest.raises(Invalid, match="^role 'writer' is not held by user 'svc'$") as caught:
         await directory.create_token("svc", "u", actor=ACTOR, roles=["reader", "writer"])
+    assert caught.value.field == "roles"
+    with pytest.raises(Invalid, match="^role 'ghost' is not defined in policies/$") as caught:
+        await directory.create_token("svc", "u", actor=ACTOR, roles=["reader", "ghost"])
     assert caught.value.field == "roles"
     with pytest.raises(Invalid) as caught:
         past = datetime.now(UTC) - timedelta(seconds=1)
@@ -241,7 +244,7 @@ async def test_token_rules(directory: Directory) -> None:
     ):
         with pytest.raises(NotFound, match="^token 'nope' not found for user 'svc'$"):
             await call
-    # Same token name under another user is fine; an empty fixed list is a subset.
+    # Same token name under another user is fine; an empty fixed list is always allowed.
     await directory.create_user("svc2", actor=ACTOR, roles=["reader"])
     view, _ = await directory.create_token("svc2", "t", actor=ACTOR, roles=[])
     assert view.roles == ()
@@ -253,14 +256,48 @@ async def test_naive_expiry_is_utc(directory: Directory) -> None:
     assert view.to_json()["expires_at"] == "2099-01-01T12:00:00Z"
 
 
+async def test_token_roles_may_name_roles_reached_through_includes(
+    directory: Directory, defined_roles: set[str]
+) -> None:
+    """Least privilege: a writer (writer includes reader) may get a reader-only token."""
+    await directory.create_user("svc", actor=ACTOR, roles=["writer", "other"])
+    reader, _ = await directory.create_token("svc", "reader", actor=ACTOR, roles=["reader"])
+    assert reader.roles == ("reader",)
+    both, _ = await directory.create_token("svc", "both", actor=ACTOR, roles=["writer", "reader", "reader"])
+    assert both.roles == ("reader", "writer")
+    [event] = await directory.list_audit(limit=1)
+    assert event.detail["roles"] == ["reader", "writer"]
+    # Each refused role is named: first an undefined one (before the user is even looked up) ...
+    for user, roles, message in (
+        ("svc", ["reader", "nope"], "role 'nope' is not defined in policies/"),
+        ("ghost", ["nope"], "role 'nope' is not defined in policies/"),
+        # ... then one the user neither holds nor reaches.
+        ("svc", ["reader", DEFAULT_ROLE], f"role '{DEFAULT_ROLE}' is not held by user 'svc'"),
+    ):
+        with pytest.raises(Invalid) as caught:
+            await directory.create_token(user, "x", actor=ACTOR, roles=roles)
+        assert (caught.value.field, caught.value.message) == ("roles", message)
+    await directory.create_user("plain", actor=ACTOR, roles=["reader"])
+    with pytest.raises(Invalid, match="^role 'writer' is not held by user 'plain'$"):
+        await directory.create_token("plain", "x", actor=ACTOR, roles=["writer"])
+    await directory.create_user("root", actor=ACTOR, admin=True)
+    with pytest.raises(Invalid, match="^role 'reader' is not held by user 'root'$"):
+        await directory.create_token("root", "x", actor=ACTOR, roles=["reader"])
+    # A role the user still holds but policies/ no longer defines cannot be given to a token.
+    defined_roles.discard("other")
+    with pytest.raises(Invalid, match="^role 'other' is not defined in policies/$"):
+        await directory.create_token("svc", "x", actor=ACTOR, roles=["other"])
+    assert [t.name for t in await directory.list_tokens("svc")] == ["both", "reader"]
+
+
 async def test_removing_a_role_removes_it_from_fixed_token_roles(directory: Directory) -> None:
-    await directory.create_user("svc", actor=ACTOR, roles=["reader", "writer", "other"])
-    await directory.create_token("svc", "both", actor=ACTOR, roles=["reader", "writer"])
+    await directory.create_user("svc", actor=ACTOR, roles=["reader", "other", "service-user-project-admin"])
+    await directory.create_token("svc", "both", actor=ACTOR, roles=["reader", "other"])
     await directory.create_token("svc", "reader-only", actor=ACTOR, roles=["reader"])
     await directory.create_token("svc", "follow", actor=ACTOR)
     await directory.update_user("svc", actor=ACTOR, remove_roles=["reader"])
     roles = {t.name: t.roles for t in await directory.list_tokens("svc")}
-    assert roles == {"both": ("writer",), "reader-only": (), "follow": None}
+    assert roles == {"both": ("other",), "reader-only": (), "follow": None}
     [event] = await directory.list_audit(limit=1)
     assert event.detail == {
         "roles_removed": ["reader"],
@@ -269,10 +306,37 @@ async def test_removing_a_role_removes_it_from_fixed_token_roles(directory: Dire
     # Adding the role back does not restore it in fixed lists.
     await directory.update_user("svc", actor=ACTOR, add_roles=["reader"])
     roles = {t.name: t.roles for t in await directory.list_tokens("svc")}
-    assert roles == {"both": ("writer",), "reader-only": (), "follow": None}
+    assert roles == {"both": ("other",), "reader-only": (), "follow": None}
     # Replacing the role set strips too.
-    await directory.update_user("svc", actor=ACTOR, roles=["reader", "other"])
+    await directory.update_user("svc", actor=ACTOR, roles=["reader", "service-user-project-admin"])
     assert {t.name: t.roles for t in await directory.list_tokens("svc")}["both"] == ()
+
+
+async def test_a_token_keeps_a_removed_role_the_user_still_reaches(directory: Directory) -> None:
+    """A fixed list loses a role only when the user neither holds nor reaches it after the change."""
+    await directory.create_user("svc", actor=ACTOR, roles=["reader", "writer", "other"])
+    await directory.create_token("svc", "r", actor=ACTOR, roles=["reader"])
+    await directory.create_token("svc", "rw", actor=ACTOR, roles=["reader", "writer"])
+    await directory.create_token("svc", "o", actor=ACTOR, roles=["other"])
+    await directory.update_user("svc", actor=ACTOR, remove_roles=["reader"])  # writer includes reader
+    lists = {t.name: t.roles for t in await directory.list_tokens("svc")}
+    assert lists == {"o": ("other",), "r": ("reader",), "rw": ("reader", "writer")}
+    [event] = await directory.list_audit(limit=1)
+    assert event.detail == {"roles_removed": ["reader"]}
+    # writer goes too: now reader is truly lost, and it stays lost when writer comes back.
+    await directory.update_user("svc", actor=ACTOR, remove_roles=["writer"])
+    [event] = await directory.list_audit(limit=1)
+    assert event.detail == {
+        "roles_removed": ["writer"],
+        "token_roles_removed": {"r": ["reader"], "rw": ["reader", "writer"]},
+    }
+    await directory.update_user("svc", actor=ACTOR, add_roles=["writer"])
+    lists = {t.name: t.roles for t in await directory.list_tokens("svc")}
+    assert lists == {"o": ("other",), "r": (), "rw": ()}
+    # Replacing writer by reader (PATCH) keeps reader in a list and drops writer.
+    await directory.create_token("svc", "r2", actor=ACTOR, roles=["reader", "writer"])
+    await directory.update_user("svc", actor=ACTOR, roles=["reader", "other"])
+    assert {t.name: t.roles for t in await directory.list_tokens("svc")}["r2"] == ("reader",)
 
 
 async def test_reset_keeps_id_and_changes_secret(directory: Directory) -> None:

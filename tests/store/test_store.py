@@ -14,7 +14,7 @@ from gateway import tokens
 from gateway.services import Directory
 from gateway.store import Change, Principal, Store
 from tests.conftest import PG_ADMIN_DSN
-from tests.store.conftest import ACTOR
+from tests.store.conftest import ACTOR, role_table
 
 FUTURE = datetime(2099, 1, 1, tzinfo=UTC)
 
@@ -32,39 +32,45 @@ async def test_lookup_token_returns_the_principal(store: Store, directory: Direc
         token_id=view.id,
         token_name="ci",
         expires_at=FUTURE,
-        roles=("reader", "writer"),
+        user_roles=("reader", "writer"),
+        token_roles=None,
         origins=frozenset({"https://a.example", "https://b.example"}),
     )
     assert secret not in repr(principal)
 
 
-async def test_lookup_token_effective_roles(store: Store, directory: Directory) -> None:
+async def test_lookup_token_user_and_token_roles(store: Store, directory: Directory) -> None:
+    """The lookup returns the user's roles and the token's own list; the proxy combines them."""
     await directory.create_user("svc", actor=ACTOR, roles=["reader", "writer"])
     _, follow = await directory.create_token("svc", "follow", actor=ACTOR)
     _, fixed = await directory.create_token("svc", "fixed", actor=ACTOR, roles=["reader"])
 
-    async def roles(secret: str) -> tuple[str, ...]:
+    async def roles(secret: str) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
         principal = await store.lookup_token(tokens.digest(secret))
         assert principal is not None
-        return principal.roles
+        return principal.user_roles, principal.token_roles
 
-    assert await roles(follow) == ("reader", "writer")
-    assert await roles(fixed) == ("reader",)
+    assert await roles(follow) == (("reader", "writer"), None)
+    assert await roles(fixed) == (("reader", "writer"), ("reader",))
     await directory.update_user("svc", actor=ACTOR, add_roles=["other"])
-    assert await roles(follow) == ("other", "reader", "writer")
-    assert await roles(fixed) == ("reader",)
+    assert await roles(follow) == (("other", "reader", "writer"), None)
+    assert await roles(fixed) == (("other", "reader", "writer"), ("reader",))
     await directory.update_user("svc", actor=ACTOR, remove_roles=["reader"])
-    assert await roles(follow) == ("other", "writer")
-    assert await roles(fixed) == ()
+    # Still reached through writer's includes: the token's list keeps it.
+    assert await roles(follow) == (("other", "writer"), None)
+    assert await roles(fixed) == (("other", "writer"), ("reader",))
+    await directory.update_user("svc", actor=ACTOR, remove_roles=["writer"])
+    assert await roles(fixed) == (("other",), ())
     await directory.update_user("svc", actor=ACTOR, add_roles=["reader"])
-    assert await roles(fixed) == ()
+    assert await roles(fixed) == (("other", "reader"), ())
 
 
 async def test_lookup_token_state_flags(store: Store, directory: Directory) -> None:
     await directory.create_user("root", actor=ACTOR, admin=True)
     _, secret = await directory.create_token("root", "t", actor=ACTOR)
     principal = await store.lookup_token(tokens.digest(secret))
-    assert principal is not None and principal.kind == "admin" and principal.roles == ()
+    assert principal is not None and principal.kind == "admin" and principal.user_roles == ()
+    assert principal.token_roles is None
     await directory.update_user("root", actor=ACTOR, disabled=True)
     principal = await store.lookup_token(tokens.digest(secret))
     assert principal is not None and principal.disabled
@@ -181,7 +187,7 @@ async def test_sqlite_writes_begin_immediate(tmp_path: Path) -> None:
 
     event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
     try:
-        directory = Directory(store, lambda: frozenset({"service-user-project-admin"}))
+        directory = Directory(store, lambda: role_table({"service-user-project-admin"}))
         await directory.create_user("svc", actor=ACTOR)
         await directory.list_users()
         await store.record_last_used({"tok_x": datetime.now(UTC)})
