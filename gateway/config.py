@@ -85,7 +85,7 @@ class CacheConfig:
 class ClientLimits:
     """How long and how many clients may hold the gateway (README "Slow clients")."""
 
-    max_connections: int = 10_000  # open client connections per process; more are closed at once
+    max_connections: int = 8192  # open client connections per process; more are closed at once
     header_timeout: float = 10.0  # seconds from a request's first byte (or the accept) to its whole head
     body_timeout: float = 30.0  # seconds a request body may pause between two chunks
     send_timeout: float = 30.0  # seconds a client may take no bytes of its response

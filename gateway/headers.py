@@ -73,7 +73,16 @@ TrustedNetworks = tuple[IPv4Network | IPv6Network, ...]
 
 def fold(name: str) -> str:
     """Lower-case a header name and read '_' and '.' as '-', as Python and PHP upstreams do."""
-    return name.lower().translate(_FOLD)
+    folded = _FOLDED.get(name)
+    if folded is None:
+        folded = name.lower().translate(_FOLD)
+        if len(_FOLDED) < 4096:  # the names clients send are few; junk must not grow it
+            _FOLDED[name] = folded
+    return folded
+
+
+# Folded names by spelling: every request folds each of its header names, and they repeat.
+_FOLDED: dict[str, str] = {}
 
 
 def new_request_id() -> str:
@@ -218,8 +227,3 @@ def merge_vary(values: Iterable[str], *extra: str) -> str:
             if name:
                 seen.setdefault(name.lower(), name)
     return "*" if "*" in seen else ", ".join(seen.values())
-
-
-def comma_join(values: Iterable[str]) -> str:
-    """Join role names the way X-Service-User-Roles carries them: sorted, ',' with no spaces."""
-    return ",".join(sorted(values))

@@ -99,6 +99,7 @@ class GuardedConnection(RequestHandler):
         self._header_timeout = guard.header_timeout
         self._on_refusal = guard.on_refusal
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started: float | None = None  # loop time of the current head's first byte
         self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,35 +115,43 @@ class GuardedConnection(RequestHandler):
             return
         self._counted = True
         super().connection_made(transport)
-        self._arm_head_timer()
+        self._start_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._counted:
             self._counted = False
             self._budget.give_back()
-        self._disarm_head_timer()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        # The first byte of a new request on an idle keep-alive connection starts its head timer.
-        if self._head_timer is None and data and not self._request_in_progress and not self._messages:
-            self._arm_head_timer()
-        super().data_received(data)
-        if self._head_timer is not None and self._messages:
-            self._disarm_head_timer()  # a whole head is in: the request is the pipeline's now
-
-    def _arm_head_timer(self) -> None:
-        if self._header_timeout > 0 and self._head_timer is None:
-            self._head_timer = self._loop.call_later(self._header_timeout, self._head_timed_out)
-
-    def _disarm_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        super().connection_lost(exc)
 
-    def _head_timed_out(self) -> None:
+    def data_received(self, data: bytes) -> None:
+        # The first byte of a new request on an idle keep-alive connection starts its head's clock.
+        if self._head_started is None and data and not self._request_in_progress and not self._messages:
+            self._start_head()
+        super().data_received(data)
+        if self._head_started is not None and self._messages:
+            self._head_started = None  # a whole head is in: the request is the pipeline's now
+
+    def _start_head(self) -> None:
+        # One timer per connection, re-armed lazily when it fires: a keep-alive connection's
+        # requests cost a clock read each, not a timer each.
+        if self._header_timeout <= 0:
+            return
+        now = self._loop.time()
+        self._head_started = now
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(now + self._header_timeout, self._check_head_time)
+
+    def _check_head_time(self) -> None:
         self._head_timer = None
-        if self._messages or self._request_in_progress:
+        started = self._head_started
+        if started is None or self._messages or self._request_in_progress:
+            return  # no head under way; the next one starts the timer again
+        due = started + self._header_timeout
+        if self._loop.time() < due:
+            self._head_timer = self._loop.call_at(due, self._check_head_time)
             return
         log.info(
             "closed a client connection: no complete request head within limits.header_timeout",

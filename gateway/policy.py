@@ -323,13 +323,12 @@ class RouteTable:
     def carried(self, token_roles: tuple[str, ...] | None, user_roles: tuple[str, ...]) -> tuple[str, ...]:
         """The roles a token carries now, sorted (README "Command line"): its own list, if it has one,
         intersected with the roles its user holds or reaches now; else the user's roles."""
+        if token_roles is None:
+            return user_roles  # the common case: sorted by the store already
         key = (token_roles, user_roles)
         found = self._carried.get(key)
         if found is None:
-            if token_roles is None:
-                found = tuple(sorted(user_roles))
-            else:
-                found = tuple(sorted(self.reachable(user_roles).intersection(token_roles)))
+            found = tuple(sorted(self.reachable(user_roles).intersection(token_roles)))
             if len(self._carried) >= _GRANTED_CACHE_SIZE:
                 self._carried.clear()  # bounded, as `granted`
             self._carried[key] = found

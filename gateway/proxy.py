@@ -30,6 +30,7 @@ from gateway.upstream import UpstreamClient, UpstreamResponse
 log = logging.getLogger("gateway.proxy")
 
 _BUFFERED_BODY = 64 * 1024  # bodies up to this size are read whole before going upstream
+_RELAY_CHUNK = 64 * 1024  # the most of an answer handed to the client's transport at once
 # Write-buffer size below which a write cannot wait for the client (asyncio's default
 # high-water mark is 64 KiB; half of it leaves room for what aiohttp adds itself).
 _UNTIMED_WRITE = 32 * 1024
@@ -120,13 +121,17 @@ class Forwarder:
             await response.prepare(request)
             if request.method != "HEAD":
                 content = upstream.content
-                while chunk := await content.readany():
-                    if transport is not None and _may_block(transport, len(chunk)):
+                # At most _RELAY_CHUNK at a time: readany() would hand over everything buffered,
+                # and a client that reads nothing would then hold all of it in its transport.
+                while chunk := await content.read(_RELAY_CHUNK):
+                    # Below the write-buffer mark a write cannot wait: no timer for small answers.
+                    size = len(chunk)
+                    if transport is not None and transport.get_write_buffer_size() + size > _UNTIMED_WRITE:
                         async with _sending(send_timeout):
                             await response.write(chunk)
                     else:
                         await response.write(chunk)
-            if transport is not None and _may_block(transport, 0):
+            if transport is not None and transport.get_write_buffer_size() > _UNTIMED_WRITE:
                 async with _sending(send_timeout):
                     await response.write_eof()
             else:
@@ -163,14 +168,6 @@ async def _sending(timeout: float) -> AsyncIterator[None]:
             yield
     except TimeoutError as exc:
         raise _ClientStalled from exc
-
-
-def _may_block(transport: asyncio.Transport, size: int) -> bool:
-    """Whether writing `size` more bytes could wait for the client (its buffer reaching the high-water mark).
-
-    Below it a write returns at once, so the common small answer needs no timer.
-    """
-    return transport.get_write_buffer_size() + size > _UNTIMED_WRITE
 
 
 async def _read_whole(body: StreamReader, timeout: float) -> bytes:

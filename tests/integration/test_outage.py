@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.admin import build_admin_app
 from gateway.app import Gateway
 from gateway.config import load_config
-from tests.conftest import fresh_pg_database, proxy_test_server, write_config
+from tests.conftest import eventually, fresh_pg_database, proxy_test_server, write_config
 
 
 class Relay:
@@ -65,6 +66,16 @@ async def relayed_pg() -> AsyncIterator[tuple[str, Relay]]:
             await relay.cut()
 
 
+GRACE = 1.5  # cache.outage_grace of the test, seconds
+
+
+async def status_is(client: TestClient, path: str, headers: dict[str, str], status: int) -> bool:
+    """Whether GET `path` now answers `status`."""
+    response = await client.get(path, headers=headers)
+    await response.read()
+    return response.status == status
+
+
 async def test_outage_grace_then_503_then_recovery(
     tmp_path: Path,
     upstream: TestServer,
@@ -76,7 +87,7 @@ async def test_outage_grace_then_503_then_recovery(
         tmp_path,
         store_url=url,
         upstream_url=str(upstream.make_url("")).rstrip("/"),
-        extra_yaml="cache:\n  outage_grace: 1.5\n",
+        extra_yaml=f"cache:\n  outage_grace: {GRACE}\n",
     )
     gateway = await Gateway.open(load_config(path, env={}))
     proxy = TestClient(proxy_test_server(gateway))
@@ -93,20 +104,20 @@ async def test_outage_grace_then_503_then_recovery(
 
         with caplog.at_level(logging.WARNING, logger="gateway.changefeed"):
             await relay.cut()
-            await asyncio.sleep(0.6)  # the feed notices within a poll or two
-            assert (await proxy.get("/echo/a", headers=headers)).status == 200  # within the grace
+            cut_at = time.monotonic()
+            await eventually(lambda: status_is(admin, "/readyz", {}, 503))  # the feed notices
+            if time.monotonic() - cut_at < GRACE:
+                assert (await proxy.get("/echo/a", headers=headers)).status == 200  # within the grace
             fresh = await proxy.get("/echo/a", headers={"Authorization": f"Bearer {unknown}"})
             assert fresh.status == 503
             assert (await fresh.json())["error"] == "store_unavailable"
-            assert (await admin.get("/readyz")).status == 503
-            await asyncio.sleep(1.5)  # past the grace
+            await eventually(lambda: status_is(proxy, "/echo/a", headers, 503), within=GRACE + 1.0)
+            assert time.monotonic() - cut_at >= GRACE - 0.1  # not before the grace ran out
             late = await proxy.get("/echo/a", headers=headers)
-            assert late.status == 503
             assert (await late.json())["error"] == "store_unavailable"
 
             await relay.restore()
-            await asyncio.sleep(1.0)
-            assert (await proxy.get("/echo/a", headers=headers)).status == 200
+            await eventually(lambda: status_is(proxy, "/echo/a", headers, 200))
             assert (await proxy.get("/echo/a", headers={"Authorization": f"Bearer {unknown}"})).status == 200
             assert (await admin.get("/readyz")).status == 200
         messages = [record.getMessage() for record in caplog.records]
