@@ -64,6 +64,9 @@ _REINTERPRETING = frozenset(
 _SPELLING_SENSITIVE = frozenset(
     _HOP_BY_HOP | _FORWARDING | {"content-length", "host", "authorization", "expect", "x-request-id"}
 )
+# As nginx does, the upstream's `Server` (its software and version) is not passed on: the
+# client gets the gateway's own, which names no version (README "Headers the client receives").
+_RESPONSE_DROP = _HOP_BY_HOP | {"server"}
 _DEFAULT_IDENTITY = frozenset({"x-service-user", "x-service-user-roles", "x-service-token-id"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _FOLD = str.maketrans("_.", "--")
@@ -196,8 +199,8 @@ class HeaderPolicy:
 def response_headers(
     upstream: CIMultiDictProxy[str], *, drop_cors: bool, request_id: str
 ) -> CIMultiDict[str]:
-    """Headers for the client from the upstream's response (hop-by-hop removed)."""
-    drop = _HOP_BY_HOP
+    """Headers for the client from the upstream's response (hop-by-hop and `Server` removed)."""
+    drop = _RESPONSE_DROP
     if "Connection" in upstream:
         drop = drop | connection_named(upstream)
     out: CIMultiDict[str] = CIMultiDict()

@@ -250,10 +250,13 @@ async def test_vary_lines_are_merged_with_origin(tmp_path: Path) -> None:
 
 async def test_no_server_header_names_python_or_aiohttp(tmp_path: Path) -> None:
     async def respond(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
-        writer.write(ok(b"plain"))
+        server = ("Server: Python/3.11 aiohttp/3.14.5",) if exchange.target == "/echo/named" else ()
+        writer.write(ok(b"plain", *server))
         return True
 
     async with serving(tmp_path, respond) as (_, proxy, _g):
+        named = await proxy.request("GET", "/echo/named")
+        assert named.headers.getall("Server") == ["gateway"]
         relayed = await proxy.request("GET", "/echo/a")
         refused = await proxy.client.get("/echo/a")
         missing = await proxy.client.get("/nowhere")
