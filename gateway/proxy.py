@@ -121,9 +121,11 @@ class Forwarder:
             await response.prepare(request)
             if request.method != "HEAD":
                 content = upstream.content
-                # At most _RELAY_CHUNK at a time: readany() would hand over everything buffered,
-                # and a client that reads nothing would then hold all of it in its transport.
-                while chunk := await content.read(_RELAY_CHUNK):
+                # The first read takes what is there (usually the whole answer); later ones at
+                # most _RELAY_CHUNK: readany() hands over everything buffered, and a client that
+                # reads nothing would hold all of it while the parser reads on.
+                chunk = await content.readany()
+                while chunk:
                     # Below the write-buffer mark a write cannot wait: no timer for small answers.
                     size = len(chunk)
                     if transport is not None and transport.get_write_buffer_size() + size > _UNTIMED_WRITE:
@@ -131,6 +133,7 @@ class Forwarder:
                             await response.write(chunk)
                     else:
                         await response.write(chunk)
+                    chunk = await content.read(_RELAY_CHUNK)
             if transport is not None and transport.get_write_buffer_size() > _UNTIMED_WRITE:
                 async with _sending(send_timeout):
                     await response.write_eof()
