@@ -39,7 +39,7 @@ log = logging.getLogger("gateway.listener")
 # whose upstream sent its own `Server` keep that one (README "Headers").
 web_response.SERVER_SOFTWARE = "gateway"  # type: ignore[attr-defined]
 
-# (status, refusal code or None, request id); called for every answer the listener itself gives.
+# (status, refusal code, request id); called for every refusal the listener gives itself.
 RefusalHook = Callable[[int, Refusal, str], None]
 
 _DETAILS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -10,9 +11,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+
+from gateway.app import Gateway
+from gateway.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,6 +27,29 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+async def writer_token(config: Path, user: str = "svc") -> str:
+    """Create `user` (role writer) and a token for it in the store of `config`; the secret."""
+    gateway = await Gateway.open(load_config(config, env={}))
+    try:
+        await gateway.directory.create_user(user, actor="test", roles=["writer"])
+        _, token = await gateway.directory.create_token(user, "t", actor="test")
+        return token
+    finally:
+        await gateway.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Path, **options: Any) -> AsyncIterator[tuple[GatewayProcess, str]]:
+    """A ready `gateway serve` child on `config` (GatewayProcess `options`) and a writer token."""
+    token = await writer_token(config)
+    process = GatewayProcess(config, **options)
+    try:
+        await process.wait_ready()
+        yield process, token
+    finally:
+        process.stop()
 
 
 def _limit_files(count: int) -> None:

@@ -15,20 +15,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import Gateway
-from gateway.config import load_config
 from tests.conftest import write_config
-from tests.process import GatewayProcess
-
-
-async def _token(config_path: Path) -> str:
-    gateway = await Gateway.open(load_config(config_path, env={}))
-    try:
-        await gateway.directory.create_user("svc", actor="test", roles=["writer"])
-        _, token = await gateway.directory.create_token("svc", "t", actor="test")
-        return token
-    finally:
-        await gateway.close()
+from tests.process import GatewayProcess, serving, writer_token
 
 
 @pytest.fixture
@@ -42,13 +30,8 @@ async def config_path(tmp_path: Path, upstream: TestServer) -> Path:
 
 @pytest.fixture
 async def served(config_path: Path) -> AsyncIterator[tuple[GatewayProcess, str]]:
-    token = await _token(config_path)
-    process = GatewayProcess(config_path)
-    try:
-        await process.wait_ready()
-        yield process, token
-    finally:
-        process.stop()
+    async with serving(config_path) as running:
+        yield running
 
 
 async def _raw(port: int, raw: bytes) -> bytes:
@@ -98,7 +81,7 @@ async def test_admin_answers_carry_no_server_version(served: tuple[GatewayProces
 
 async def test_descriptor_limit_caps_connections_and_keeps_the_admin_listener_up(config_path: Path) -> None:
     """ulimit -n 200: 300 idle client sockets must not make the process deaf; the cap is logged."""
-    token = await _token(config_path)
+    token = await writer_token(config_path)
     process = GatewayProcess(config_path, open_files=200)
     held: list[asyncio.StreamWriter] = []
     try:

@@ -16,10 +16,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import Gateway
-from gateway.config import load_config
 from tests.conftest import eventually, write_config
-from tests.process import GatewayProcess
+from tests.process import GatewayProcess, serving
 
 MB = 1024 * 1024
 CLIENTS = 60
@@ -40,18 +38,8 @@ async def served(tmp_path: Path, upstream: TestServer) -> AsyncIterator[tuple[Ga
         route_options="max_connections: 40\n",
         extra_yaml=f"limits:\n  send_timeout: {SEND_TIMEOUT}\n",
     )
-    gateway = await Gateway.open(load_config(config_path, env={}))
-    try:
-        await gateway.directory.create_user("reader", actor="test", roles=["writer"])
-        _, token = await gateway.directory.create_token("reader", "t", actor="test")
-    finally:
-        await gateway.close()
-    process = GatewayProcess(config_path)
-    try:
-        await process.wait_ready()
-        yield process, token
-    finally:
-        process.stop()
+    async with serving(config_path) as running:
+        yield running
 
 
 async def test_clients_that_never_read_hold_bounded_memory_and_free_the_pool(

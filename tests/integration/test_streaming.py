@@ -15,7 +15,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.services import Directory
 from tests.conftest import Harness, proxy_test_server, write_config
-from tests.process import GatewayProcess
+from tests.process import GatewayProcess, serving
 
 MB = 1024 * 1024
 
@@ -28,18 +28,8 @@ async def served(tmp_path: Path, upstream: TestServer) -> AsyncIterator[tuple[Ga
         store_url="sqlite+aiosqlite:///gateway.db",
         upstream_url=str(upstream.make_url("")).rstrip("/"),
     )
-    config = load_config(config_path, env={})
-    gateway = await Gateway.open(config)
-    directory = Directory(gateway.store, lambda: gateway.pipeline.settings.table)
-    await directory.create_user("streamer", actor="test", roles=["writer"])
-    _, token = await directory.create_token("streamer", "big", actor="test")
-    await gateway.close()
-    process = GatewayProcess(config_path)
-    try:
-        await process.wait_ready()
-        yield process, token
-    finally:
-        process.stop()
+    async with serving(config_path) as running:
+        yield running
 
 
 async def test_200mb_download_streams_with_bounded_rss(served: tuple[GatewayProcess, str]) -> None:
