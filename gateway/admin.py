@@ -1,6 +1,6 @@
 """The admin listener's application: health, readiness, metrics and the admin REST API.
 
-Imports: errors, auth, changefeed, metrics, pipeline (Settings), services, store, headers,
+Imports: errors, auth, changefeed, metrics, decision (Settings), services, store, headers,
 admin_api (the /v1 handlers), openapi, aiohttp, aiohttp-cors.
 
 Error choices: a body that is not a JSON object sent as application/json is 400
@@ -30,6 +30,7 @@ from aiohttp import hdrs, web
 from gateway.admin_api import MAX_BODY_BYTES, PRINCIPAL, AdminApi, Handler
 from gateway.auth import Authenticator, TokenCache, retrieve_exception
 from gateway.changefeed import ChangeFeed
+from gateway.decision import Settings
 from gateway.errors import (
     AdminUnauthorized,
     Forbidden,
@@ -37,11 +38,11 @@ from gateway.errors import (
     PayloadTooLarge,
     Refusal,
     Unauthenticated,
+    refusal,
 )
 from gateway.headers import request_id_from
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.openapi import openapi_document
-from gateway.pipeline import Settings, refusal
 from gateway.services import Directory
 from gateway.store import Store
 

@@ -18,12 +18,13 @@ from gateway.auth import Authenticator, LastUsed, TokenCache
 from gateway.changefeed import ChangeFeed
 from gateway.config import Config, load_config
 from gateway.cors import OriginIndex, RouteCors
+from gateway.decision import Settings
 from gateway.errors import ConfigError, Refusal, StoreUnavailable
 from gateway.headers import HeaderPolicy
 from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
 from gateway.logs import flush_access_log, install_redaction
 from gateway.metrics import Metrics
-from gateway.pipeline import Pipeline, Settings
+from gateway.pipeline import Pipeline
 from gateway.policy import load_route_table
 from gateway.proxy import Forwarder
 from gateway.services import Directory

@@ -102,6 +102,8 @@ class Config:
     store_url: str = field(default="", repr=False)
     policies_path: Path = Path("policies")  # absolute after load_config
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Peers that may ask /.gateway/authz for decisions (README "Forward-auth"); none by default.
+    forward_auth_peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     routes: tuple[RouteConfig, ...] = ()
@@ -219,6 +221,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
             "store",
             "policies",
             "trusted_proxies",
+            "forward_auth",
             "identity",
             "cache",
             "routes",
@@ -241,6 +244,8 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         f.add(root.line_of("policies"), "policies", "must name a folder or file")
 
     trusted = f.strings(root, "trusted_proxies", "", _network)
+    forward_auth = f.mapping(root, "forward_auth", "", ("peers",))
+    peers = f.strings(forward_auth, "peers", "forward_auth", _network)
 
     identity = _identity(f, f.mapping(root, "identity", "", _IDENTITY_KEYS))
     node = f.mapping(root, "cache", "", ("ttl", "negative_ttl", "max_entries", "outage_grace"))
@@ -300,6 +305,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         store_url=store_url,
         policies_path=Path(os.path.normpath(base / (policies or "policies"))),
         trusted_proxies=tuple(trusted),
+        forward_auth_peers=tuple(peers),
         identity=identity,
         cache=cache,
         routes=routes,
@@ -476,6 +482,8 @@ def _prefix_problem(prefix: str) -> str | None:
         return "must not contain spaces or control characters"
     if any(segment in (".", "..") for segment in prefix.split("/")):
         return "must not contain '.' or '..' segments"
+    if prefix.split("/", 2)[1] == ".gateway":
+        return "must not be under /.gateway/ (the gateway's own endpoints: forward-auth, token exchange)"
     return None
 
 

@@ -1,6 +1,6 @@
 """The gateway's one error hierarchy; every refusal the outside sees is one of these.
 
-Imports: stdlib only.
+Imports: aiohttp (for `refusal`, the JSON answer every listener sends).
 
 ```
 GatewayError                      500 internal_error
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import enum
 from typing import ClassVar
+
+from aiohttp import web
 
 
 class Refusal(enum.StrEnum):
@@ -221,3 +223,13 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     code = Refusal.UPSTREAM_TIMEOUT
+
+
+def refusal(error: GatewayError, request_id: str) -> web.Response:
+    """The JSON refusal for `error`, with X-Request-Id."""
+    body = {"error": error.refusal.value, "detail": error.message}
+    if isinstance(error, Invalid):
+        body["field"] = error.field
+    headers = error.headers()
+    headers["X-Request-Id"] = request_id
+    return web.json_response(body, status=error.status, headers=headers)

@@ -119,6 +119,10 @@ class HeaderPolicy:
             self._identity | _HOP_BY_HOP | _REINTERPRETING | {"authorization", "expect", "x-request-id"}
         )
 
+    def is_identity(self, name: str) -> bool:
+        """Whether `name` is any spelling of an identity header (case, '_' or '.' for '-')."""
+        return fold(name) in self._identity
+
     def is_trusted(self, peer: str | None) -> bool:
         """Whether `peer` is listed in trusted_proxies (its X-Forwarded-* are kept)."""
         if peer is None or not self._trusted:

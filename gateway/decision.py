@@ -1,0 +1,242 @@
+"""The decision: may this request pass, and as whom? One function, three callers.
+
+Imports: config, policy, paths, cors, headers, errors, store.
+
+The proxy handler (then forwards), forward-auth `/.gateway/authz` (answers with it) and
+explain (prints why) all call `Decider.decide`, so the order below exists exactly once
+(README "How a request is decided"):
+
+```
+1 METHOD      TRACE, CONNECT (unless a rule names it)      → 405 method_not_allowed
+2 ROUTE       longest prefix of the path                   → 404 no_route
+3 PATH        canonical path (decoded once)                → 400 bad_request
+  PREFLIGHT   OPTIONS + Origin + Access-Control-Request-Method on a cors route (proxy only)
+4 RULE        first matching rule; public: skip to 7
+5 CREDENTIAL  bearer → Principal (cache, then store)       → 401 …; 503 store_unavailable
+6 PERMISSION  the rule's permission, from carried roles    → 403 forbidden (also: no rule)
+7 ORIGIN      Origin allowed for this user on this route   → 403 origin_not_allowed
+```
+
+The hot path pays for one small object per request: a `Decision` records what each step
+found and the last step it reached, and `gateway.explain` turns that into a trace only
+when somebody asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDictProxy, MultiMapping
+
+from gateway.config import Config
+from gateway.cors import OriginIndex, RouteCors, canonical_origin
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    MethodNotAllowed,
+    OriginNotAllowed,
+    RouteNotFound,
+)
+from gateway.headers import HeaderPolicy
+from gateway.paths import canonicalize
+from gateway.policy import RoutePolicy, RouteTable, Rule
+from gateway.store import Principal
+
+# TRACE echoes the request (credentials included) back; CONNECT opens a tunnel past every rule.
+_NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
+_ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+Authenticate = Callable[[list[str]], Awaitable[Principal]]
+"""The credential step: the request's Authorization values → a Principal, or a GatewayError."""
+
+Headers = CIMultiDictProxy[str] | MultiMapping[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What one configuration version gives the decision and the proxy; swapped whole on reload."""
+
+    config: Config
+    table: RouteTable
+    headers: HeaderPolicy
+    cors: Mapping[str, RouteCors]  # by route name; routes without a `cors` block are absent
+    connect_allowed: bool = False  # some rule names CONNECT in `methods` (else CONNECT is a 405)
+
+
+class Decision:
+    """What the steps found for one request; `error` is None when it may pass.
+
+    `stage` is the last step reached ("method", "route", "path", "preflight", "rule",
+    "credential", "permission", "origin", then "allowed"): with `error` it says which step refused.
+    """
+
+    __slots__ = (
+        "method",
+        "raw_path",
+        "stage",
+        "route",
+        "canonical",
+        "encoded",
+        "rule",
+        "principal",
+        "roles",
+        "cors",
+        "has_origin",
+        "origin",
+        "preflight",
+        "error",
+    )
+
+    def __init__(self, method: str, raw_path: str) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.stage = "method"
+        self.route: RoutePolicy | None = None
+        self.canonical = ""
+        self.encoded = ""  # the canonical path re-encoded: what the upstream receives
+        self.rule: Rule | None = None
+        self.principal: Principal | None = None
+        self.roles: tuple[str, ...] = ()  # the roles the credential carries now, sorted
+        self.cors: RouteCors | None = None
+        self.has_origin = False  # an Origin header was sent on a route with a cors block
+        self.origin: str | None = None  # its normalised value (None: not a usable origin)
+        self.preflight: dict[str, str] | None = None  # a CORS preflight's answer headers
+        self.error: GatewayError | None = None
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the request may pass."""
+        return self.error is None
+
+    def identity(self) -> tuple[str, str, str] | None:
+        """(user, roles header value, token id) to send upstream; None on a public rule."""
+        principal = self.principal
+        if principal is None:
+            return None
+        return principal.user, ",".join(self.roles), principal.token_id  # roles are sorted already
+
+    def upstream_path(self) -> str:
+        """The path the upstream receives (canonical, re-encoded, `strip_prefix` applied)."""
+        route = self.route
+        if route is not None and route.config.strip_prefix:
+            return strip_prefix(self.encoded, route.config.prefix)
+        return self.encoded
+
+
+class Decider:
+    """Runs the decision for one process: the credential step and the live allowed origins."""
+
+    __slots__ = ("authenticate", "origins")
+
+    def __init__(self, authenticate: Authenticate, origins: OriginIndex) -> None:
+        self.authenticate = authenticate
+        self.origins = origins
+
+    async def decide(
+        self, settings: Settings, method: str, raw_path: str, headers: Headers, *, preflight: bool = False
+    ) -> Decision:
+        """Decide `method raw_path` (the path without its query) with the request's `headers`.
+
+        Never raises a GatewayError: a refusal is `Decision.error`. With `preflight`, a CORS
+        preflight on a cors route is answered (`Decision.preflight`) instead of decided.
+        """
+        decision = Decision(method, raw_path)
+        try:
+            if method in _NEVER_FORWARDED and not (method == "CONNECT" and settings.connect_allowed):
+                raise MethodNotAllowed(f"the gateway never forwards {method}", _ALLOW)
+            decision.stage = "route"
+            table = settings.table
+            route, canonical, encoded = resolve(table, raw_path, decision)
+            decision.route = route
+            decision.canonical = canonical
+            decision.encoded = encoded
+            cors = settings.cors.get(route.config.name)
+            if cors is not None:
+                decision.cors = cors
+                value = headers.get("Origin")
+                if value is not None:
+                    decision.has_origin = True
+                    decision.origin = canonical_origin(value)
+                    if preflight and method == "OPTIONS":
+                        requested = headers.get("Access-Control-Request-Method")
+                        if requested is not None:
+                            # A preflight carries no credentials: answered here, never forwarded.
+                            decision.stage = "preflight"
+                            decision.preflight = cors.preflight(decision.origin, requested, self.origins)
+                            return decision
+            decision.stage = "rule"
+            rule = route.first_match(method, canonical)
+            decision.rule = rule
+            authorization = headers.getall("Authorization", [])
+            if rule is None or not rule.public:
+                decision.stage = "credential"
+                principal = await self.authenticate(authorization)
+                decision.principal = principal
+                decision.stage = "permission"
+                roles = table.carried(principal.token_roles, principal.user_roles)
+                decision.roles = roles
+                authorize(table, principal, roles, rule, method, canonical)
+            elif len(authorization) > 1:
+                decision.stage = "credential"
+                raise BadRequest("more than one Authorization header")
+            if decision.has_origin:
+                decision.stage = "origin"
+                self.check_origin(decision)
+            decision.stage = "allowed"
+        except GatewayError as error:
+            decision.error = error
+        return decision
+
+    def check_origin(self, decision: Decision) -> None:
+        """Refuse unless the request's origin is allowed for its user (or, public, on its route)."""
+        origin, cors, principal = decision.origin, decision.cors, decision.principal
+        if origin is not None and cors is not None:
+            if principal is not None and cors.allowed_for_user(origin, principal.origins):
+                return
+            if principal is None and cors.allowed_on_route(origin, self.origins):
+                return  # a public rule: no user, so any origin allowed on the route
+        raise OriginNotAllowed("this origin is not allowed for this service user on this route")
+
+
+def resolve(table: RouteTable, raw_path: str, decision: Decision) -> tuple[RoutePolicy, str, str]:
+    """(route, canonical path, encoded path) for `raw_path`: 404 before 400, as the order says."""
+    try:
+        canonical, encoded = canonicalize(raw_path)
+    except BadRequest:
+        # Route first, then path checks: an unroutable bad path is still a 404.
+        if table.route(raw_path.split("%", 1)[0] or "/") is None:
+            raise RouteNotFound(f"no route for path {printable(raw_path)}") from None
+        decision.stage = "path"
+        raise
+    route = table.route(canonical)
+    if route is None:
+        raise RouteNotFound(f"no route for path {printable(canonical)}")
+    return route, canonical, encoded
+
+
+def authorize(
+    table: RouteTable, principal: Principal, roles: tuple[str, ...], rule: Rule | None, method: str, path: str
+) -> None:
+    """Refuse (403) unless `rule` exists and the carried `roles` grant its permission."""
+    if principal.kind != "service":
+        raise Forbidden("admin tokens are for the admin API only; they never pass the proxy")
+    if rule is None:
+        raise Forbidden(f"no rule allows {method} {printable(path)}")
+    required = rule.require
+    if required is None or not table.allows(roles, required):
+        raise Forbidden(f"permission '{required}' is required")
+
+
+def strip_prefix(encoded: str, prefix: str) -> str:
+    """`encoded` without the route's prefix (`/orders/1` → `/1`; the prefix alone → `/`)."""
+    # Count segments, not characters: the encoded path may spell the prefix differently.
+    depth = 0 if prefix == "/" else prefix.count("/")
+    parts = encoded.split("/", depth + 1)
+    return "/" + parts[depth + 1] if len(parts) > depth + 1 else "/"
+
+
+def printable(path: str) -> str:
+    """`path` cut to 200 characters for messages and logs."""
+    return path if len(path) <= 200 else path[:200] + "…"
