@@ -30,6 +30,7 @@ from aiohttp import hdrs, web
 from gateway.admin_api import MAX_BODY_BYTES, PRINCIPAL, AdminApi, Handler
 from gateway.auth import Authenticator, TokenCache, retrieve_exception
 from gateway.changefeed import ChangeFeed
+from gateway.cors import OriginIndex
 from gateway.decision import Settings
 from gateway.errors import (
     AdminUnauthorized,
@@ -67,6 +68,7 @@ class AdminContext:
     feed: ChangeFeed
     metrics: Metrics
     settings: Callable[[], Settings]  # the live configuration version (roles, routes)
+    origins: OriginIndex  # origins some active user allows (explain's origin step)
     changed: ChangeHook  # apply a change to user NAME on this instance before answering
 
 

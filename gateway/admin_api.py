@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.config import CorsConfig, RouteConfig, normalize_origin
 from gateway.errors import BadRequest, Invalid, NotFound
+from gateway.explain import explain_request, parse_target
 from gateway.policy import Role
 from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN, UNSET, TokenView, Unset, validate_name
 from gateway.store import Principal
@@ -266,6 +267,7 @@ class AdminApi:
             ("GET", "/v1/roles", self.list_roles),
             ("GET", "/v1/routes", self.list_routes),
             ("GET", "/v1/audit-events", self.list_audit),
+            ("POST", "/v1/authz/explain", self.explain),
         ]
 
     async def _changed(self, user: str, *, origins: bool = True) -> None:
@@ -389,3 +391,25 @@ class AdminApi:
             limit = int(limit_values[0])
         events = await self._directory.list_audit(actor=actor, since=since, limit=limit)
         return items([event.to_json() for event in events])
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """POST /v1/authz/explain {method, url, user | token, origin}: the trace (README "Explain")."""
+        body = Body(await read_object(request), ("method", "url", "user", "token", "origin"))
+        method = body.text("method", nullable=False, max_length=32) or ""
+        url = body.text("url", nullable=False, max_length=8192) or ""
+        user = body.text("user", max_length=63)
+        token = body.text("token", max_length=4096)
+        if (user is None) == (token is None):
+            raise Invalid("user" if user is None else "token", "give exactly one of user and token")
+        target = parse_target(method, url, body.text("origin", max_length=2048))
+        context = self._context
+        trace = await explain_request(
+            context.settings(),
+            self._directory,
+            context.authenticator,
+            context.origins,
+            target,
+            token=token,
+            user=user,
+        )
+        return web.json_response(trace.to_json())

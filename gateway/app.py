@@ -17,15 +17,13 @@ from gateway.admin import AdminContext, build_admin_app
 from gateway.auth import Authenticator, LastUsed, TokenCache
 from gateway.changefeed import ChangeFeed
 from gateway.config import Config, load_config
-from gateway.cors import OriginIndex, RouteCors
-from gateway.decision import Settings
+from gateway.cors import OriginIndex
+from gateway.decision import Settings, build_settings
 from gateway.errors import ConfigError, Refusal, StoreUnavailable
-from gateway.headers import HeaderPolicy
 from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
 from gateway.logs import flush_access_log, install_redaction
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
-from gateway.policy import load_route_table
 from gateway.proxy import Forwarder
 from gateway.services import Directory
 from gateway.store import Change, Store, open_store
@@ -35,20 +33,6 @@ log = logging.getLogger("gateway.app")
 
 _LAST_USED_FLUSH_SECONDS = 15
 ADMIN_MAX_CONNECTIONS = 64  # open admin-listener connections per process
-
-
-def build_settings(config: Config) -> Settings:
-    """Validate policies for `config` and build the pipeline's settings (raises ConfigError)."""
-    table = load_route_table(config)
-    return Settings(
-        config=config,
-        table=table,
-        headers=HeaderPolicy(config.identity, config.trusted_proxies),
-        cors={route.name: RouteCors(route.cors) for route in config.routes if route.cors is not None},
-        connect_allowed=any(
-            "CONNECT" in (rule.methods or ()) for route in table.routes for rule in route.rules
-        ),
-    )
 
 
 class Gateway:
@@ -96,6 +80,7 @@ class Gateway:
             feed=self.feed,
             metrics=self.metrics,
             settings=lambda: self.pipeline.settings,
+            origins=self.origins,
             changed=self.changed,
         )
 

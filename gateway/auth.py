@@ -166,8 +166,10 @@ class Authenticator:
         if self._lookups:
             await asyncio.wait(self._lookups)
 
-    async def authenticate(self, authorization: list[str]) -> Principal:
-        """The Principal for the request's Authorization header values (all of them)."""
+    async def authenticate(self, authorization: list[str], *, touch: bool = True) -> Principal:
+        """The Principal for the request's Authorization header values (all of them).
+
+        `touch=False` (explain) leaves `last_used_at` alone."""
         if not authorization:
             raise Unauthenticated(Refusal.MISSING_TOKEN, "no bearer token: send 'Authorization: Bearer gw_…'")
         if len(authorization) > 1:
@@ -192,8 +194,9 @@ class Authenticator:
             self.cache_misses += 1
             principal = await self._lookup(digest)
         now = self._wall_clock()
-        _check_state(principal, now)
-        self._last_used.touch(principal.token_id, now)
+        check_state(principal, now)
+        if touch:
+            self._last_used.touch(principal.token_id, now)
         return principal
 
     async def _lookup(self, digest: str) -> Principal:
@@ -293,7 +296,8 @@ def _unknown_token() -> Unauthenticated:
     return Unauthenticated(Refusal.INVALID_TOKEN, "the token is not valid (unknown, deleted or reset)")
 
 
-def _check_state(principal: Principal, now: float) -> None:
+def check_state(principal: Principal, now: float) -> None:
+    """Refuse (401) an expired token or a disabled user."""
     expires_at = principal.expires_at
     if expires_at is not None and expires_at.timestamp() <= now:
         stamp = expires_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -41,7 +41,7 @@ from gateway.errors import (
 )
 from gateway.headers import HeaderPolicy
 from gateway.paths import canonicalize
-from gateway.policy import RoutePolicy, RouteTable, Rule
+from gateway.policy import RoutePolicy, RouteTable, Rule, load_route_table
 from gateway.store import Principal
 
 # TRACE echoes the request (credentials included) back; CONNECT opens a tunnel past every rule.
@@ -63,6 +63,20 @@ class Settings:
     headers: HeaderPolicy
     cors: Mapping[str, RouteCors]  # by route name; routes without a `cors` block are absent
     connect_allowed: bool = False  # some rule names CONNECT in `methods` (else CONNECT is a 405)
+
+
+def build_settings(config: Config) -> Settings:
+    """Validate policies for `config` and build the pipeline's settings (raises ConfigError)."""
+    table = load_route_table(config)
+    return Settings(
+        config=config,
+        table=table,
+        headers=HeaderPolicy(config.identity, config.trusted_proxies),
+        cors={route.name: RouteCors(route.cors) for route in config.routes if route.cors is not None},
+        connect_allowed=any(
+            "CONNECT" in (rule.methods or ()) for route in table.routes for rule in route.rules
+        ),
+    )
 
 
 class Decision:
@@ -206,8 +220,10 @@ def resolve(table: RouteTable, raw_path: str, decision: Decision) -> tuple[Route
         canonical, encoded = canonicalize(raw_path)
     except BadRequest:
         # Route first, then path checks: an unroutable bad path is still a 404.
-        if table.route(raw_path.split("%", 1)[0] or "/") is None:
+        found = table.route(raw_path.split("%", 1)[0] or "/")
+        if found is None:
             raise RouteNotFound(f"no route for path {printable(raw_path)}") from None
+        decision.route = found
         decision.stage = "path"
         raise
     route = table.route(canonical)

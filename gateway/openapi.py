@@ -139,6 +139,37 @@ SCHEMAS: Final[dict[str, JSONObject]] = {
         }
     ),
 }
+SCHEMAS["Trace"] = {
+    "type": "object",
+    "required": ["request", "steps", "decision"],
+    "properties": {
+        "request": {"type": "object"},
+        "steps": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["step", "result", "detail"],
+                "properties": {
+                    "step": {
+                        "enum": ["method", "route", "path", "rule", "credential", "permission", "origin"]
+                    },
+                    "result": {"enum": ["ok", "refused", "skipped", "not_reached"]},
+                    "detail": {"type": "string"},
+                },
+            },
+        },
+        "decision": _object(
+            {
+                "allowed": {"type": "boolean"},
+                "status": _nullable({"type": "integer"}),
+                "error": _nullable({"type": "string"}),
+                "detail": _nullable({"type": "string"}),
+                "upstream": _nullable({"type": "string"}),
+                "identity_headers": _nullable({"type": "object", "additionalProperties": {"type": "string"}}),
+            }
+        ),
+    },
+}
 for _item in ("User", "Token", "AuditEvent", "Role", "Route"):
     SCHEMAS[_item + "List"] = _object({"items": {"type": "array", "items": _ref(_item)}})
 
@@ -164,6 +195,22 @@ def _bodies(role: JSONObject) -> dict[str, JSONObject]:
                 "disabled": {"type": "boolean"},
             },
             required=[],
+        ),
+        "ExplainRequest": _object(
+            {
+                "method": {"type": "string", "maxLength": 32, "description": "an HTTP method, e.g. GET"},
+                "url": {
+                    "type": "string",
+                    "maxLength": 8192,
+                    "description": "a path such as /orders/1?x=1, or an http(s):// URL",
+                },
+                "user": _nullable({**_NAME, "description": "decide as this user (its roles, no token)"}),
+                "token": _nullable(
+                    {"type": "string", "maxLength": 4096, "description": "decide for this bearer token"}
+                ),
+                "origin": _nullable({"type": "string", "maxLength": 2048, "description": "Origin header"}),
+            },
+            required=["method", "url"],
         ),
         "NewToken": _object(
             {
@@ -397,6 +444,16 @@ def _other_paths() -> dict[str, JSONObject]:
                     _parameter("since", "query", text, "ISO 8601 date or date-time; events at or after it"),
                     _parameter("limit", "query", limit, "at most this many events"),
                 ],
+            ),
+        },
+        "/v1/authz/explain": {
+            "post": _operation(
+                "explainDecision",
+                "Why a request would be allowed or refused (exactly one of user and token; nothing is "
+                "forwarded, last_used_at is not updated)",
+                ("200", _json(_ref("Trace"), "the trace: request, steps, decision")),
+                "404 422",
+                body="ExplainRequest",
             ),
         },
         "/healthz": {"get": _open("Liveness", _json(_object({"status": text}), "alive"))},

@@ -33,8 +33,9 @@ from types import FrameType
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
-from gateway.app import ADMIN_MAX_CONNECTIONS, Gateway, build_admin_runner, build_proxy_server, build_settings
+from gateway.app import ADMIN_MAX_CONNECTIONS, Gateway, build_admin_runner, build_proxy_server
 from gateway.config import Address, Config, load_config
+from gateway.decision import build_settings
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.logs import configure as configure_logging
 from gateway.store import open_store

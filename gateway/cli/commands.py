@@ -5,7 +5,9 @@ Imports: cli.session, cli.output, services, policy and app (lazily).
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
+from typing import TextIO
 
 import click
 
@@ -22,7 +24,7 @@ from gateway.cli.output import (
     when,
 )
 from gateway.cli.session import Session, actor, fail
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Invalid
 from gateway.services import UNSET, AuditView, Directory, TokenView, Unset, UserView
 
 DEFAULT_CONFIG = "gateway.yaml"
@@ -98,6 +100,73 @@ def demo_upstream(listen: str) -> None:
         raise click.BadParameter(str(exc), param_hint="--listen") from exc
     click.echo(f"demo upstream echoing on http://{listen}/ (Ctrl-C to stop)")
     run_echo(host, port)
+
+
+# -- authz ---------------------------------------------------------------------------
+
+REFUSED_EXIT = 3  # explain: the request would be refused (1 stays "the command failed")
+
+
+@cli.group()
+def authz() -> None:
+    """Decisions: why a request would be allowed or refused."""
+
+
+@authz.command("explain")
+@click.argument("method")
+@click.argument("url")
+@click.option(
+    "--token-file",
+    type=click.File("r"),
+    metavar="FILE",
+    help="a file holding the bearer token ('-' reads standard input); never put a token on the command line",
+)
+@click.option("--user", "user_name", metavar="NAME", help="decide as this service user (its roles, no token)")
+@click.option("--origin", metavar="ORIGIN", help="the Origin header a browser would send")
+@FORMAT
+@pass_session
+def explain(
+    session: Session,
+    method: str,
+    url: str,
+    token_file: TextIO | None,
+    user_name: str | None,
+    origin: str | None,
+    output: str,
+) -> None:
+    """Explain the decision on METHOD URL: route, path, every rule, credential, roles, origin.
+
+    Exit 0 when the request would be allowed, 3 when it would be refused. Nothing is forwarded,
+    last_used_at is not updated and the token is never printed.
+    """
+    from gateway.decision import build_settings
+    from gateway.explain import explain_from_store, parse_target
+
+    if (token_file is None) == (user_name is None):
+        raise click.UsageError("give exactly one of --token-file FILE and --user NAME")
+    token: str | None = None
+    if token_file is not None:
+        token = token_file.read().strip()
+        if not token:
+            raise click.BadParameter("the file holds no token", param_hint="--token-file")
+    try:
+        target = parse_target(method, url, origin)
+    except Invalid as exc:
+        hint = "--origin" if exc.field == "origin" else exc.field.upper()
+        raise click.BadParameter(exc.message, param_hint=hint) from None
+    try:
+        settings = build_settings(session.config())
+    except GatewayError as exc:
+        fail(exc)
+    trace = session.run_store(
+        lambda store: explain_from_store(settings, store, target, token=token, user=user_name)
+    )
+    if output == "json":
+        emit_json(trace.to_json())
+    else:
+        click.echo(trace.render())
+    if not trace.allowed:
+        sys.exit(REFUSED_EXIT)
 
 
 # -- user ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError, StoreUnavailable
 from gateway.services import Directory, RoleGraph
-from gateway.store import open_store
+from gateway.store import Store, open_store
 
 T = TypeVar("T")
 
@@ -84,12 +84,16 @@ class Session:
 
     def run(self, work: Callable[[Directory], Awaitable[T]]) -> T:
         """Open (and migrate) the store, run `work` on a Directory, close; errors exit 1."""
+        return self.run_store(lambda store: work(Directory(store, self.policies())))
+
+    def run_store(self, work: Callable[[Store], Awaitable[T]]) -> T:
+        """Open (and migrate) the store, run `work` on it, close; errors exit 1."""
         config = self.config()
 
         async def go() -> T:
             store = await open_store(config.store_url, migrate=True)
             try:
-                return await work(Directory(store, self.policies()))
+                return await work(store)
             finally:
                 await store.close()
 
