@@ -79,7 +79,7 @@ class ForwardAuth:
     ) -> Answer:
         """Decide the request described by `request` (never forwards; never raises a GatewayError)."""
         headers = request.headers
-        nginx = "X-Original-Method" in headers or "X-Original-URI" in headers
+        nginx = False  # answer as nginx needs it: only once the asker is known to be a peer
         subject: _Subject | None = None
         decision: Decision | None = None
         try:
@@ -87,6 +87,8 @@ class ForwardAuth:
             endpoint = unquote(parts[2]) if len(parts) > 2 else ""
             if endpoint != "authz" or not _is_peer(request.remote, settings):
                 raise RouteNotFound(f"no route for path {_short(raw_path)}")
+            # Any X-Original-* header, even in an ambiguous request: nginx would make a 400 a 500.
+            nginx = "X-Original-Method" in headers or "X-Original-URI" in headers
             subject = _subject(request, parts[3] if len(parts) > 3 else None)
             _refuse_identity(request, settings)
             decision = await self._decider.decide(settings, subject.method, subject.raw_path, headers)
