@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from multidict import CIMultiDictProxy, MultiMapping
 
@@ -47,6 +48,8 @@ from gateway.store import Principal
 # TRACE echoes the request (credentials included) back; CONNECT opens a tunnel past every rule.
 _NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
 _ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+GATEWAY_SEGMENT = ".gateway"  # /.gateway/* belongs to the gateway itself (forward-auth, …)
 
 Authenticate = Callable[[list[str]], Awaitable[Principal]]
 """The credential step: the request's Authorization values → a Principal, or a GatewayError."""
@@ -158,6 +161,12 @@ class Decider:
         """
         decision = Decision(method, raw_path)
         try:
+            if raw_path.startswith(("/.", "/%")) and is_gateway_path(raw_path):
+                # First of all: the gateway's own paths are never forwarded, whatever the routes say.
+                decision.stage = "route"
+                raise RouteNotFound(
+                    f"no route for path {printable(raw_path)}: /.gateway/ belongs to the gateway itself"
+                )
             if method in _NEVER_FORWARDED and not (method == "CONNECT" and settings.connect_allowed):
                 raise MethodNotAllowed(f"the gateway never forwards {method}", _ALLOW)
             decision.stage = "route"
@@ -212,6 +221,22 @@ class Decider:
             if principal is None and cors.allowed_on_route(origin, self.origins):
                 return  # a public rule: no user, so any origin allowed on the route
         raise OriginNotAllowed("this origin is not allowed for this service user on this route")
+
+
+def is_gateway_path(raw_path: str) -> bool:
+    """Whether `raw_path`'s first segment, decoded, is `.gateway` (so `/%2Egateway/x` is one too)."""
+    first = raw_path[1:].split("/", 1)[0]
+    if "%" in first:
+        first = unquote(first, errors="strict") if _decodable(first) else first
+    return first == GATEWAY_SEGMENT
+
+
+def _decodable(text: str) -> bool:
+    try:
+        unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def resolve(table: RouteTable, raw_path: str, decision: Decision) -> tuple[RoutePolicy, str, str]:

@@ -25,29 +25,12 @@ from gateway.decision import Decider, Decision, Settings
 from gateway.errors import BadRequest, GatewayError, Refusal, RouteNotFound, refusal
 from gateway.paths import split_target
 
-GATEWAY_SEGMENT = ".gateway"
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
 _URI = re.compile(r"/[\x21-\x7e]*")  # origin-form, visible ASCII only
 _NGINX = ("X-Original-Method", "X-Original-URI")
 _FORWARDED = ("X-Forwarded-Method", "X-Forwarded-Uri")
 # nginx's auth_request passes 401 and 403 on and turns every other status into 500.
 _NGINX_PASSES = frozenset({401, 403})
-
-
-def is_gateway_path(raw_path: str) -> bool:
-    """Whether `raw_path`'s first segment, decoded, is `.gateway` (so `/%2Egateway/x` is one too)."""
-    first = raw_path[1:].split("/", 1)[0]
-    if "%" in first:
-        first = unquote(first, errors="strict") if _decodable(first) else first
-    return first == GATEWAY_SEGMENT
-
-
-def _decodable(text: str) -> bool:
-    try:
-        unquote(text, errors="strict")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,9 +21,9 @@ from prometheus_client import Counter
 
 from gateway.auth import Authenticator
 from gateway.cors import OriginIndex
-from gateway.decision import Decider, Decision, Settings, printable
+from gateway.decision import Decider, Decision, Settings, is_gateway_path, printable
 from gateway.errors import GatewayError, OriginNotAllowed, Refusal, refusal
-from gateway.forward_auth import ForwardAuth, is_gateway_path
+from gateway.forward_auth import ForwardAuth
 from gateway.headers import request_id_from
 from gateway.logs import write_access
 from gateway.metrics import Metrics
