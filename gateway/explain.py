@@ -9,10 +9,12 @@ forwards, never updates `last_used_at` and never shows the credential.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,10 +57,12 @@ def parse_target(method: str, url: str, origin: str | None) -> Target:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise Invalid("url", "must be a path starting with '/' or an http(s):// URL")
         # The raw text after the authority, undecoded: explain sees the bytes the proxy would.
-        after = url.split("//", 1)[1]
-        slash = after.find("/")
-        target = after[slash:] if slash >= 0 else "/"
-        target = target.split("#", 1)[0] or "/"
+        # The authority ends at the first '/', '?' or '#' (so "http://h?next=/x" is "/?next=/x").
+        after = url[len(parts.scheme) + 3 :].split("#", 1)[0]
+        end = len(parts.netloc)
+        target = after[end:]
+        if not target.startswith("/"):
+            target = "/" + target
     if _TARGET.fullmatch(target) is None:
         raise Invalid("url", "must not contain spaces or control characters")
     if origin is not None and (not origin or len(origin) > 2048):
@@ -191,7 +195,7 @@ def trace(decision: Decision, settings: Settings, target: Target, credential: st
             {
                 names.user_header: identity[0],
                 names.roles_header: identity[1],
-                names.token_id_header: identity[2],
+                names.token_id_header: identity[2] or None,  # null as a user: no token, no header
             }
             if identity is not None
             else None
@@ -268,19 +272,19 @@ def _path_step(decision: Decision, settings: Settings, target: Target) -> dict[s
 
 def _rule_step(decision: Decision, settings: Settings, target: Target) -> dict[str, Any]:
     route = decision.route
+    base = settings.config.path.parent
     rules: list[dict[str, Any]] = []
     matched: int | None = None
     if route is not None:
         for index, rule in enumerate(route.rules, start=1):
             if matched is not None:
-                rules.append(_rule_json(index, rule, None, f"not tried: rule {matched} decided"))
+                rules.append(_rule_json(index, rule, None, f"not tried: rule {matched} decided", base))
             elif rule is decision.rule:
                 matched = index
-                rules.append(_rule_json(index, rule, True, "matches"))
+                rules.append(_rule_json(index, rule, True, "matches", base))
             else:
-                rules.append(
-                    _rule_json(index, rule, False, _why_not(rule, target.method, decision.canonical))
-                )
+                why = _why_not(rule, target.method, decision.canonical)
+                rules.append(_rule_json(index, rule, False, why, base))
     chosen = decision.rule
     if chosen is None:
         detail = (
@@ -290,16 +294,27 @@ def _rule_step(decision: Decision, settings: Settings, target: Target) -> dict[s
             else ""
         )
     elif chosen.public:
-        detail = f"rule {matched} ({chosen.source}) matches: public, no credential needed"
+        detail = f"rule {matched} ({_source(chosen, base)}) matches: public, no credential needed"
     else:
-        detail = f"rule {matched} ({chosen.source}) matches: requires '{chosen.require}'"
+        detail = f"rule {matched} ({_source(chosen, base)}) matches: requires '{chosen.require}'"
     return {"step": "rule", "result": "ok", "detail": detail, "matched": matched, "rules": rules}
 
 
-def _rule_json(index: int, rule: Rule, matched: bool | None, reason: str) -> dict[str, Any]:
+def _source(rule: Rule, base: Path) -> str:
+    """`rule.source` ("file:line", named from the loading process's directory) relative to the
+    config file's folder, so the CLI and the admin API name a rule the same way wherever they run."""
+    file, _, line = rule.source.rpartition(":")
+    absolute = Path(os.path.abspath(file))
+    try:
+        return f"{absolute.relative_to(base)}:{line}"
+    except ValueError:
+        return f"{absolute}:{line}"
+
+
+def _rule_json(index: int, rule: Rule, matched: bool | None, reason: str, base: Path) -> dict[str, Any]:
     return {
         "index": index,
-        "source": rule.source,
+        "source": _source(rule, base),
         "methods": sorted(rule.methods) if rule.methods is not None else None,
         "paths": list(rule.paths),
         "require": rule.require,
@@ -431,7 +446,7 @@ def render(data: dict[str, Any]) -> str:
     if decision["allowed"]:
         lines.append(f"allowed: forwarded to {decision['upstream']}")
         for name, value in (decision["identity_headers"] or {}).items():
-            lines.append(f"  {name}: {value}")
+            lines.append(f"  {name}: {value}" if value is not None else f"  {name}: (not sent: no token)")
     else:
         lines.append(f"refused: {decision['status']} {decision['error']}: {decision['detail']}")
     return "\n".join(lines)

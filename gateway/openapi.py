@@ -165,7 +165,9 @@ SCHEMAS["Trace"] = {
                 "error": _nullable({"type": "string"}),
                 "detail": _nullable({"type": "string"}),
                 "upstream": _nullable({"type": "string"}),
-                "identity_headers": _nullable({"type": "object", "additionalProperties": {"type": "string"}}),
+                "identity_headers": _nullable(
+                    {"type": "object", "additionalProperties": _nullable({"type": "string"})}
+                ),
             }
         ),
     },
