@@ -49,6 +49,14 @@ from gateway.store import Principal
 _NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
 _ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
+# The methods the proxy listener's HTTP parser (llhttp) accepts, case-sensitive: forward-auth
+# and explain refuse any other, so neither can allow what the proxy would never receive
+# (a lower-case `delete` that an upstream framework upper-cases into DELETE).
+HTTP_METHODS = frozenset(
+    "DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH SEARCH "
+    "UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE "
+    "UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
 GATEWAY_SEGMENT = ".gateway"  # /.gateway/* belongs to the gateway itself (forward-auth, …)
 
 Authenticate = Callable[[list[str]], Awaitable[Principal]]

@@ -21,11 +21,10 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from gateway.decision import Decider, Decision, Settings
+from gateway.decision import HTTP_METHODS, Decider, Decision, Settings
 from gateway.errors import BadRequest, GatewayError, Refusal, RouteNotFound, refusal
 from gateway.paths import split_target
 
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
 _URI = re.compile(r"/[\x21-\x7e]*")  # origin-form, visible ASCII only
 _NGINX = ("X-Original-Method", "X-Original-URI")
 _FORWARDED = ("X-Forwarded-Method", "X-Forwarded-Uri")
@@ -143,8 +142,8 @@ def _subject(request: web.BaseRequest, rest: str | None) -> _Subject:
                 f"{names[0]}/{names[1]} and a path after /.gateway/authz were both sent; send one"
             )
         method, uri = found[names[0]].strip(), found[names[1]].strip()
-        if _METHOD.fullmatch(method) is None:
-            raise BadRequest(f"{names[0]} is not an HTTP method")
+        if method not in HTTP_METHODS:
+            raise BadRequest(f"{names[0]} is not an HTTP method the gateway accepts (they are upper-case)")
         if _URI.fullmatch(uri) is None:
             raise BadRequest(f"{names[1]} must be a path starting with '/' (origin-form, no spaces)")
         raw_path, _ = split_target(uri)
