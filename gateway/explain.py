@@ -1,6 +1,6 @@
 """Explain: why a request would be allowed or refused (README "Explain a refusal").
 
-Imports: decision, auth (check_state), cors, errors, store, services (views), timeparse.
+Imports: decision, auth, cors, errors, paths, policy, services, store, timeparse.
 
 The trace is built from the same `Decision` the proxy acts on, after the fact, so explain
 can never disagree with the proxy and the proxy pays nothing for it. Explain never

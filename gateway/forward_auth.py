@@ -1,6 +1,6 @@
 """`/.gateway/authz`: decisions for a proxy in front (nginx, Traefik, Caddy, Envoy); README "Forward-auth".
 
-Imports: decision, config, headers, paths, errors.
+Imports: decision, errors, paths.
 
 The request to decide comes from exactly one source: the `X-Original-Method` +
 `X-Original-URI` pair (nginx `auth_request`), the `X-Forwarded-Method` + `X-Forwarded-Uri`

@@ -1,6 +1,6 @@
 """The proxy handler: decide (gateway.decision), then mutate and forward; record every request.
 
-Imports: decision, config, cors, headers, proxy, errors, logs, metrics, forward_auth.
+Imports: decision, auth, cors, errors, forward_auth, headers, logs, metrics, paths, proxy.
 
 ```
 0 GATEWAY   /.gateway/* on the canonical path: the gateway's own endpoints, never forwarded
