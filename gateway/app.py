@@ -35,6 +35,17 @@ _LAST_USED_FLUSH_SECONDS = 15
 ADMIN_MAX_CONNECTIONS = 64  # open admin-listener connections per process
 
 
+def warn_unverified(config: Config) -> None:
+    """Log, at every start and reload, each route that talks TLS without verifying the upstream."""
+    for route in config.routes:
+        if route.tls is not None and not route.tls.verify:
+            log.warning(
+                "upstream TLS is not verified (tls.verify: false): anyone on the path can read and "
+                "change this route's traffic",
+                extra={"route": route.name, "upstream": route.upstream},
+            )
+
+
 class Gateway:
     """Everything one gateway process runs: store, caches, change feed, pipeline."""
 
@@ -127,6 +138,7 @@ class Gateway:
         """Validate the config, open (and migrate) the store, start background work."""
         install_redaction()
         settings = build_settings(config)
+        warn_unverified(config)
         store = await open_store(config.store_url, migrate=True)
         gateway = cls(config, settings, store)
         await gateway.feed.poll()
@@ -157,6 +169,7 @@ class Gateway:
         try:
             config = load_config(self.config.path)
             settings = build_settings(config)
+            warn_unverified(config)
         except ConfigError as error:
             log.error(
                 "reload refused; the previous configuration stays live", extra={"problems": error.problems}
@@ -171,7 +184,7 @@ class Gateway:
                 log.warning("%s changed: it takes effect only after a restart", what)
         self.pipeline.settings = settings
         # A request still on the old version reopens its pool; it closes on the next reload.
-        self.upstreams.retain({(r.name, r.upstream, r.max_connections) for r in config.routes})
+        self.upstreams.retain({(r.name, r.upstream, r.max_connections, r.tls) for r in config.routes})
         log.info("configuration reloaded", extra={"routes": len(config.routes)})
         return True
 

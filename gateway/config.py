@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from gateway.errors import ConfigError
+from gateway.upstream_tls import UpstreamTls
 from gateway.yamlfile import HTTP_TOKEN_RE, LineDict, LineList, Validator, load_yaml_mapping
 
 Address = tuple[str, int]  # host, port
@@ -59,6 +61,7 @@ class RouteConfig:
     max_body: int | None = None  # request body limit in bytes; None = Config.max_body
     max_connections: int = 100  # size of this route's upstream connection pool
     cors: CorsConfig | None = None  # None: CORS is left to the upstream
+    tls: UpstreamTls | None = None  # how to talk TLS to an https upstream (None: the defaults)
     source: str = ""  # "file:line" of the route, for messages
 
 
@@ -272,7 +275,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     log_level = (f.string(root, "log_level", "") or "info").lower()
     if log_level not in LOG_LEVELS:
         f.add(root.line_of("log_level"), "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
-    routes = _routes(f, root)
+    routes = _routes(f, root, base)
     max_body = f.integer(limits, "max_body", "limits", _DEFAULT_MAX_BODY)
     keepalive = f.number(limits, "keepalive_timeout", "limits", 75.0)
     client = ClientLimits(
@@ -410,10 +413,12 @@ _ROUTE_KEYS = (
     "max_body",
     "max_connections",
     "cors",
+    "tls",
 )
+_TLS_KEYS = ("ca_file", "cert_file", "key_file", "server_name", "verify")
 
 
-def _routes(f: Validator, root: LineDict) -> tuple[RouteConfig, ...]:
+def _routes(f: Validator, root: LineDict, base: Path) -> tuple[RouteConfig, ...]:
     routes: list[RouteConfig] = []
     names: dict[str, int] = {}
     prefixes: dict[str, tuple[str, int]] = {}
@@ -462,10 +467,63 @@ def _routes(f: Validator, root: LineDict) -> tuple[RouteConfig, ...]:
                 cors=_cors(f, item["cors"], item.line_of("cors"), f"{where}.cors")
                 if "cors" in item
                 else None,
+                tls=_tls(f, item, where, upstream, base) if "tls" in item else None,
                 source=f"{f.file}:{line}",
             )
         )
     return tuple(routes)
+
+
+def _tls(f: Validator, item: LineDict, where: str, upstream: str, base: Path) -> UpstreamTls | None:
+    """A route's `tls` block, its files read once here so a bad one is a `file:line` problem."""
+    node = f.mapping(item, "tls", where, _TLS_KEYS)
+    where, line = f"{where}.tls", item.line_of("tls")
+    if upstream and not upstream.startswith("https://"):
+        f.add(line, where, "needs an https:// upstream")
+        return None
+    paths: dict[str, str | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        text = f.string(node, key, where)
+        paths[key] = os.path.normpath(base / text) if text else None
+        found = paths[key]
+        if found is not None and not os.access(found, os.R_OK):
+            f.add(node.line_of(key), f"{where}.{key}", f"cannot read {text!r}")
+            return None
+    if (paths["cert_file"] is None) != (paths["key_file"] is None):
+        f.add(line, where, "cert_file and key_file go together (the client certificate and its key)")
+        return None
+    server_name = f.string(node, "server_name", where)
+    if server_name is not None and not _HOST_RE.match(server_name):
+        f.add(node.line_of("server_name"), f"{where}.server_name", "must be a host name")
+        return None
+    tls = UpstreamTls(
+        ca_file=paths["ca_file"],
+        cert_file=paths["cert_file"],
+        key_file=paths["key_file"],
+        server_name=server_name,
+        verify=f.boolean(node, "verify", where, True),
+    )
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        f.add(node.line_of("ca_file"), f"{where}.ca_file", f"is not a PEM CA bundle ({_ssl_reason(exc)})")
+        return None
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            f.add(
+                node.line_of("key_file"),
+                f"{where}.key_file",
+                f"does not match cert_file, or one of them is not PEM ({_ssl_reason(exc)})",
+            )
+            return None
+    return tls
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None)
+    return str(reason or exc)
 
 
 def _prefix_problem(prefix: str) -> str | None:

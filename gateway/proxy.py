@@ -74,7 +74,7 @@ class Forwarder:
             # Small bodies are read whole before an upstream connection is taken, so a
             # client sending them slowly holds no pool slot while it does (as nginx does).
             body = await _read_whole(stream, limits.body_timeout)
-        pool = self._client.pool_for(route.name, route.upstream, route.max_connections)
+        pool = self._client.pool_for(route.name, route.upstream, route.max_connections, route.tls)
         sent = time.perf_counter()
         upstream = await self._client.send(
             pool,

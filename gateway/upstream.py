@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import ssl
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
 from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout, UpstreamError, UpstreamTimeout
+from gateway.upstream_tls import UpstreamTls, client_context, handshake_reason
 
 _READ_BUFSIZE = 64 * 1024  # the parser buffers about twice this per connection (README "Slow clients")
 _KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
@@ -216,8 +218,11 @@ class UpstreamResponse:
 class ConnectionPool:
     """Keep-alive connections to one upstream, at most `limit` open at once."""
 
-    def __init__(self, endpoint: Endpoint, limit: int) -> None:
+    def __init__(
+        self, endpoint: Endpoint, limit: int, tls: UpstreamTls | None = None, route: str = ""
+    ) -> None:
         self.endpoint = endpoint
+        self.route = route
         self._limit = limit
         self._idle: deque[tuple[Connection, float]] = deque()
         self._open = 0  # idle + busy
@@ -225,7 +230,8 @@ class ConnectionPool:
         self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
         self._retired = False  # replaced by a reload: serves its waiters, keeps nothing idle
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if endpoint.tls else None
+        self._ssl: ssl.SSLContext | None = client_context(tls) if endpoint.tls else None
+        self._server_name = (tls.server_name if tls is not None else None) or endpoint.host
 
     async def acquire(self, *, fresh: bool, timeout: float) -> tuple[Connection, bool]:
         """A connection and whether it was reused from the pool; waits while `limit` are busy."""
@@ -288,12 +294,23 @@ class ConnectionPool:
                     endpoint.host,
                     endpoint.port,
                     ssl=self._ssl,
-                    server_hostname=endpoint.host if self._ssl is not None else None,
+                    server_hostname=self._server_name if self._ssl is not None else None,
                 ),
                 timeout,
             )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"could not connect to the upstream within {timeout:g}s") from exc
+        except ssl.SSLError as exc:
+            # The client sees 502; the operator needs the reason (unknown CA, name, expiry).
+            log.warning(
+                "upstream TLS handshake failed",
+                extra={
+                    "route": self.route,
+                    "upstream": f"{endpoint.host}:{endpoint.port}",
+                    "reason": handshake_reason(exc),
+                },
+            )
+            raise UpstreamError("the TLS handshake with the upstream failed") from exc
         except OSError as exc:
             raise UpstreamError("upstream refused or broke the connection") from exc
         return protocol
@@ -356,6 +373,11 @@ class ConnectionPool:
                 waiter.set_result(None)
 
 
+log = logging.getLogger("gateway.upstream")
+
+PoolKey = tuple[str, str, int, UpstreamTls | None]
+
+
 class UpstreamClient:
     """Pools by (route, upstream, max_connections), and the request/response exchange on them.
 
@@ -363,14 +385,16 @@ class UpstreamClient:
     """
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, str, int], ConnectionPool] = {}
+        self._pools: dict[PoolKey, ConnectionPool] = {}
 
-    def pool_for(self, route: str, upstream: str, max_connections: int) -> ConnectionPool:
-        """The pool of `route` for this upstream URL and size (created on first use)."""
-        key = (route, upstream, max_connections)
+    def pool_for(
+        self, route: str, upstream: str, max_connections: int, tls: UpstreamTls | None = None
+    ) -> ConnectionPool:
+        """The pool of `route` for this upstream URL, size and TLS settings (created on first use)."""
+        key = (route, upstream, max_connections, tls)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = ConnectionPool(Endpoint.parse(upstream), max_connections)
+            pool = self._pools[key] = ConnectionPool(Endpoint.parse(upstream), max_connections, tls, route)
         return pool
 
     async def send(
@@ -452,8 +476,8 @@ class UpstreamClient:
             protocol.awaiting_head = False
             return UpstreamResponse(message, payload, protocol, pool, writer)
 
-    def retain(self, keys: Collection[tuple[str, str, int]]) -> None:
-        """Close the pools whose (route, upstream, max_connections) a reload removed or changed."""
+    def retain(self, keys: Collection[PoolKey]) -> None:
+        """Close the pools whose (route, upstream, max_connections, tls) a reload removed or changed."""
         for key in [key for key in self._pools if key not in keys]:
             self._pools.pop(key).retire()
 
