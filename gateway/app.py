@@ -178,6 +178,8 @@ class Gateway:
         for what, old, new in (
             ("listeners.proxy", self.config.proxy_listen, config.proxy_listen),
             ("listeners.admin", self.config.admin_listen, config.admin_listen),
+            ("listeners.proxy.tls", self.config.proxy_tls, config.proxy_tls),
+            ("listeners.admin.tls", self.config.admin_tls, config.admin_tls),
             ("store.url", self.config.store_url, config.store_url),
         ):
             if old != new:

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from gateway.errors import ConfigError
+from gateway.listener_tls import ListenerTls, check_pair
 from gateway.upstream_tls import UpstreamTls
 from gateway.yamlfile import HTTP_TOKEN_RE, LineDict, LineList, Validator, load_yaml_mapping
 
@@ -101,6 +102,9 @@ class Config:
     path: Path  # absolute path of the config file
     proxy_listen: Address = ("127.0.0.1", 8080)
     admin_listen: Address = ("127.0.0.1", 8081)
+    proxy_tls: ListenerTls | None = None  # the proxy listener serves HTTPS
+    admin_tls: ListenerTls | None = None
+    warnings: tuple[str, ...] = ()  # "file:line: ..." worth logging at start, not fatal
     # sqlite+aiosqlite:////abs/path.db or postgresql+asyncpg://...; may hold a password, so not in repr
     store_url: str = field(default="", repr=False)
     policies_path: Path = Path("policies")  # absolute after load_config
@@ -235,7 +239,9 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     )
 
     listeners = f.mapping(root, "listeners", "", ("proxy", "admin"))
-    listen = {key: _listen(f, listeners, key) for key in ("proxy", "admin")}
+    warnings: list[str] = []
+    found = {key: _listen(f, listeners, key, base, warnings) for key in ("proxy", "admin")}
+    listen = {key: address for key, (address, _) in found.items()}
     store = f.mapping(root, "store", "", ("url",))
     store_url = ""
     try:
@@ -305,6 +311,9 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         path=absolute,
         proxy_listen=listen["proxy"],
         admin_listen=listen["admin"],
+        proxy_tls=found["proxy"][1],
+        admin_tls=found["admin"][1],
+        warnings=tuple(warnings),
         store_url=store_url,
         policies_path=Path(os.path.normpath(base / (policies or "policies"))),
         trusted_proxies=tuple(trusted),
@@ -352,14 +361,61 @@ _RESERVED_HEADERS = frozenset(
 )
 
 
-def _listen(f: Validator, node: LineDict, key: str) -> Address:
-    text = f.string(node, key, "listeners")
+def _listen(
+    f: Validator, node: LineDict, key: str, base: Path, warnings: list[str]
+) -> tuple[Address, ListenerTls | None]:
+    """A listener: "HOST:PORT", or {listen: "HOST:PORT", tls: {...}} (README "TLS on the listeners")."""
+    where = f"listeners.{key}"
+    item = node.get(key)
+    tls: ListenerTls | None = None
+    if isinstance(item, LineDict):
+        f.keys(item, where, ("listen", "tls"))
+        text = f.string(item, "listen", where, required=True)
+        line = item.line_of("listen")
+        if "tls" in item:
+            tls = _listener_tls(f, item, where, base, warnings)
+    else:
+        text = f.string(node, key, "listeners")
+        line = node.line_of(key)
     if text is not None:
         try:
-            return parse_listen(text)
+            return parse_listen(text), tls
         except ValueError as exc:
-            f.add(node.line_of(key), f"listeners.{key}", str(exc))
-    return _LISTEN_DEFAULTS[key]
+            f.add(line, where, str(exc))
+    return _LISTEN_DEFAULTS[key], tls
+
+
+def _listener_tls(
+    f: Validator, item: LineDict, where: str, base: Path, warnings: list[str]
+) -> ListenerTls | None:
+    node = f.mapping(item, "tls", where, ("cert_file", "key_file", "key_password_file", "min_version"))
+    where, line = f"{where}.tls", item.line_of("tls")
+    paths: dict[str, str | None] = {}
+    for name in ("cert_file", "key_file", "key_password_file"):
+        text = f.string(node, name, where, required=name != "key_password_file")
+        paths[name] = os.path.normpath(base / text) if text else None
+        found = paths[name]
+        if found is not None and not os.access(found, os.R_OK):
+            f.add(node.line_of(name), f"{where}.{name}", f"cannot read {text!r}")
+            return None
+    version = node.get("min_version", "1.2")
+    if isinstance(version, float):
+        version = f"{version:.1f}"  # `min_version: 1.3` unquoted is a YAML number
+    if version not in ("1.2", "1.3"):
+        f.add(node.line_of("min_version"), f"{where}.min_version", 'must be "1.2" or "1.3"')
+        return None
+    cert, key = paths["cert_file"], paths["key_file"]
+    if cert is None or key is None:
+        return None
+    tls = ListenerTls(cert, key, paths["key_password_file"], str(version))
+    try:
+        warning = check_pair(tls)
+    except ValueError as exc:
+        f.add(line, where, str(exc))
+        return None
+    if warning is not None:
+        warnings.append(f"{f.file}:{line}: {where}: {warning}")
+    return tls
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -27,6 +27,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import time
 from types import FrameType
 
@@ -37,6 +38,7 @@ from gateway.app import ADMIN_MAX_CONNECTIONS, Gateway, build_admin_runner, buil
 from gateway.config import Address, Config, load_config
 from gateway.decision import build_settings
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.listener_tls import reload_pair, server_context
 from gateway.logs import configure as configure_logging
 from gateway.store import open_store
 
@@ -67,34 +69,49 @@ async def run_worker(
 ) -> None:
     """Serve on the given sockets until SIGINT/SIGTERM; SIGHUP reloads routes and policies."""
     gateway = await Gateway.open(config)
+    # Each worker builds its own TLS contexts: every worker serves TLS, and SIGHUP reloads them.
+    contexts = [
+        (name, server_context(tls), tls)
+        for name, tls in (("proxy", config.proxy_tls), ("admin", config.admin_tls))
+        if tls is not None and (name == "proxy" or admin is not None)
+    ]
+    by_name = {name: context for name, context, _ in contexts}
     # Everything built so far lives for the whole process: keep it out of every GC pass.
     gc.collect()
     gc.freeze()
-    sites: list[tuple[web.BaseRunner, socket.socket]] = [
+    sites: list[tuple[web.BaseRunner, socket.socket, ssl.SSLContext | None]] = [
         (
             web.ServerRunner(
                 build_proxy_server(gateway, access_log=None, keepalive_timeout=config.keepalive_timeout),
                 shutdown_timeout=10,
             ),
             proxy,
+            by_name.get("proxy"),
         )
     ]
     if admin is not None:
         admin_runner = build_admin_runner(
             gateway, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=10
         )
-        sites.append((admin_runner, admin))
+        sites.append((admin_runner, admin, by_name.get("admin")))
     runners: list[web.BaseRunner] = []
+
+    def reload() -> None:
+        gateway.reload()
+        for name, context, tls in contexts:
+            reload_pair(context, tls, f"listeners.{name}")
+
     try:
-        for runner, sock in sites:
+        for runner, sock, context in sites:
             await runner.setup()
             runners.append(runner)
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, ssl_context=context).start()
         log.info(
             "gateway serving",
             extra={
                 "worker": index,
                 "proxy": _address(proxy),
+                "tls": sorted(by_name),
                 "admin": _address(admin) if admin is not None else None,
                 "store": gateway.store.url,
                 "routes": len(config.routes),
@@ -102,7 +119,7 @@ async def run_worker(
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+        loop.add_signal_handler(signal.SIGHUP, reload)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
@@ -121,6 +138,8 @@ def _address(sock: socket.socket) -> str:
 def serve(config: Config, workers: int = 1) -> None:
     """Run the gateway in the foreground (blocking); the entry point of `gateway serve`."""
     configure_logging(config.log_level)
+    for warning in config.warnings:
+        log.warning(warning)
     if workers < 1:
         raise ConfigError(["--workers must be at least 1"])
     with contextlib.suppress(ImportError):

@@ -79,10 +79,12 @@ def check(session: Session) -> None:
 
     config = session.config()
     try:
-        roles = load_route_table(config).role_names()
+        table = load_route_table(config)
     except GatewayError as exc:
         fail(exc)
-    click.echo(f"ok: {len(config.routes)} routes, {len(roles)} roles")
+    for warning in (*config.warnings, *table.warnings):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"ok: {len(config.routes)} routes, {len(table.role_names())} roles")
 
 
 @cli.command("demo-upstream")
