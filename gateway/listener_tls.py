@@ -47,7 +47,9 @@ def server_context(tls: ListenerTls) -> ssl.SSLContext:
 
 def load_pair(context: ssl.SSLContext, tls: ListenerTls) -> None:
     """Load the certificate chain and key of `tls` into `context`."""
-    password = None
+    # Never None: OpenSSL would then ask for an encrypted key's pass phrase on the terminal,
+    # which freezes a running gateway on SIGHUP. An empty one makes such a key a clear error.
+    password: str | bytes = b""
     if tls.key_password_file is not None:
         password = Path(tls.key_password_file).read_text().rstrip("\r\n")
     context.load_cert_chain(tls.cert_file, tls.key_file, password=password)
