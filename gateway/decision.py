@@ -222,16 +222,11 @@ def is_gateway_path(raw_path: str) -> bool:
     """Whether `raw_path`'s first segment, decoded, is `.gateway` (so `/%2Egateway/x` is one too)."""
     first = raw_path[1:].split("/", 1)[0]
     if "%" in first:
-        first = unquote(first, errors="strict") if _decodable(first) else first
+        try:
+            first = unquote(first, errors="strict")
+        except UnicodeDecodeError:
+            return False  # not UTF-8 once decoded, so not ".gateway"
     return first == GATEWAY_SEGMENT
-
-
-def _decodable(text: str) -> bool:
-    try:
-        unquote(text, errors="strict")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def resolve(table: RouteTable, raw_path: str, decision: Decision) -> tuple[RoutePolicy, str, str]:

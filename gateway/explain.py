@@ -10,7 +10,6 @@ forwards, never updates `last_used_at` and never shows the credential.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from gateway.auth import Authenticator, LastUsed, TokenCache, check_state
 from gateway.cors import OriginIndex
 from gateway.decision import HTTP_METHODS, Decider, Decision, Settings, printable
 from gateway.errors import Invalid
-from gateway.paths import split_target
+from gateway.paths import ORIGIN_FORM, split_target
 from gateway.policy import RoutePolicy, Rule
 from gateway.services import Directory
 from gateway.services.views import UserView
@@ -33,7 +32,6 @@ from gateway.timeparse import format_time
 
 STEPS = ("method", "route", "path", "rule", "credential", "permission", "origin")
 _ORDER = {name: index for index, name in enumerate(STEPS)}
-_TARGET = re.compile(r"/[\x21-\x7e]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +60,7 @@ def parse_target(method: str, url: str, origin: str | None) -> Target:
         target = after[end:]
         if not target.startswith("/"):
             target = "/" + target
-    if _TARGET.fullmatch(target) is None:
+    if ORIGIN_FORM.fullmatch(target) is None:
         raise Invalid("url", "must not contain spaces or control characters")
     if origin is not None and (not origin or len(origin) > 2048):
         raise Invalid("origin", "must be an origin such as https://app.example.com")

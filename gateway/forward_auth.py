@@ -15,17 +15,15 @@ authorised. So is any spelling of an identity header, or a bearer entry in
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from gateway.decision import HTTP_METHODS, Decider, Decision, Settings
+from gateway.decision import HTTP_METHODS, Decider, Decision, Settings, printable
 from gateway.errors import BadRequest, GatewayError, Refusal, RouteNotFound, refusal
-from gateway.paths import split_target
+from gateway.paths import ORIGIN_FORM, split_target
 
-_URI = re.compile(r"/[\x21-\x7e]*")  # origin-form, visible ASCII only
 _NGINX = ("X-Original-Method", "X-Original-URI")
 _FORWARDED = ("X-Forwarded-Method", "X-Forwarded-Uri")
 # nginx's auth_request passes 401 and 403 on and turns every other status into 500.
@@ -68,7 +66,7 @@ class ForwardAuth:
             parts = raw_path.split("/", 3)  # "", ".gateway", endpoint, rest
             endpoint = unquote(parts[2]) if len(parts) > 2 else ""
             if endpoint != "authz" or not _is_peer(request.remote, settings):
-                raise RouteNotFound(f"no route for path {_short(raw_path)}")
+                raise RouteNotFound(f"no route for path {printable(raw_path)}")
             # Any X-Original-* header, even in an ambiguous request: nginx would make a 400 a 500.
             nginx = "X-Original-Method" in headers or "X-Original-URI" in headers
             subject = _subject(request, parts[3] if len(parts) > 3 else None)
@@ -144,7 +142,7 @@ def _subject(request: web.BaseRequest, rest: str | None) -> _Subject:
         method, uri = found[names[0]].strip(), found[names[1]].strip()
         if method not in HTTP_METHODS:
             raise BadRequest(f"{names[0]} is not an HTTP method the gateway accepts (they are upper-case)")
-        if _URI.fullmatch(uri) is None:
+        if ORIGIN_FORM.fullmatch(uri) is None:
             raise BadRequest(f"{names[1]} must be a path starting with '/' (origin-form, no spaces)")
         raw_path, _ = split_target(uri)
         return _Subject(method, raw_path, bool(nginx))
@@ -161,12 +159,8 @@ def _refuse_identity(request: web.BaseRequest, settings: Settings) -> None:
     policy = settings.headers
     for name in request.headers:
         if policy.is_identity(name):
-            raise BadRequest(f"the request carries an identity header ({_short(name)}); none may be sent")
+            raise BadRequest(f"the request carries an identity header ({printable(name)}); none may be sent")
     for line in request.headers.getall("Sec-WebSocket-Protocol", []):
         for entry in line.split(","):
             if entry.strip()[:7].lower() == "bearer.":
                 raise BadRequest("a bearer entry in Sec-WebSocket-Protocol is not accepted here")
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= 100 else text[:100] + "…"

@@ -26,6 +26,8 @@ _SAFE = "-._~!$&'()*+,=:@"
 _RAW_FORBIDDEN = re.compile(r"[\\;#\x00-\x1f\x7f]")  # control characters: refused once decoded
 _BAD_ESCAPE = re.compile(r"%(?:(?![0-9A-Fa-f]{2})|[01][0-9A-Fa-f]|2[Ff]|3[Bb]|5[Cc]|7[Ff])")  # or '/;\\'
 _ANY_DOT_SEGMENT = re.compile(r"/(?:\.|%2[Ee]){1,2}(?=/|\Z)")
+# A request target in origin-form as forward-auth and explain take it from text: visible ASCII.
+ORIGIN_FORM = re.compile(r"/[\x21-\x7e]*")
 
 
 def split_target(raw_target: str) -> tuple[str, str]:
