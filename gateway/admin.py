@@ -1,6 +1,6 @@
 """The admin listener's application: health, readiness, metrics and the admin REST API.
 
-Imports: errors, auth, changefeed, metrics, decision (Settings), services, store, headers,
+Imports: errors, auth, changefeed, metrics, decision (Settings), lifecycle, services, store, headers,
 admin_api (the /v1 handlers), openapi, aiohttp, aiohttp-cors.
 
 Error choices: a body that is not a JSON object sent as application/json is 400
@@ -42,6 +42,7 @@ from gateway.errors import (
     refusal,
 )
 from gateway.headers import request_id_from
+from gateway.lifecycle import Lifecycle
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.openapi import openapi_document
 from gateway.services import Directory
@@ -70,6 +71,7 @@ class AdminContext:
     settings: Callable[[], Settings]  # the live configuration version (roles, routes)
     origins: OriginIndex  # origins some active user allows (explain's origin step)
     changed: ChangeHook  # apply a change to user NAME on this instance before answering
+    lifecycle: Lifecycle  # draining: /readyz is 503 so load balancers stop sending
 
 
 CONTEXT = web.AppKey("context", AdminContext)
@@ -156,13 +158,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: 200 while this instance can serve (its change feed and a ping read the store).
+    """Readiness: 200 while this instance can serve (its change feed and a ping read the store),
+    503 from the shutdown signal on.
 
     The ping is bounded by the store timeout and left to end in the background: a store
     that stops answering silently would otherwise hold the load balancer's probe for the
     driver's whole timeout.
     """
     context = request.app[CONTEXT]
+    if context.lifecycle.draining:
+        return web.json_response(
+            {"status": "draining", "detail": "the gateway is shutting down"}, status=503
+        )
     ping = asyncio.ensure_future(context.store.ping())
     ping.add_done_callback(retrieve_exception)
     done, _ = await asyncio.wait((ping,), timeout=context.feed.store_timeout)

@@ -20,6 +20,7 @@ from gateway.config import Config, load_config
 from gateway.cors import OriginIndex
 from gateway.decision import Settings, build_settings
 from gateway.errors import ConfigError, Refusal, StoreUnavailable
+from gateway.lifecycle import Lifecycle
 from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
 from gateway.logs import flush_access_log, install_redaction
 from gateway.metrics import Metrics
@@ -69,11 +70,17 @@ class Gateway:
         self.upstreams = UpstreamClient()
         self.metrics = Metrics()
         self.origins = OriginIndex()
+        self.lifecycle = Lifecycle()
         self.connections = ConnectionBudget(limit=config.client.max_connections)
         # The admin listener has its own, so a flood on the proxy never locks operators out.
         self.admin_connections = ConnectionBudget(limit=ADMIN_MAX_CONNECTIONS)
         self.pipeline = Pipeline(
-            settings, self.authenticator, Forwarder(self.upstreams), self.metrics, self.origins
+            settings,
+            self.authenticator,
+            Forwarder(self.upstreams),
+            self.metrics,
+            self.origins,
+            self.lifecycle,
         )
         self.feed.subscribe(self._on_changes)
         self.directory = Directory(store, lambda: self.pipeline.settings.table)
@@ -93,6 +100,7 @@ class Gateway:
             settings=lambda: self.pipeline.settings,
             origins=self.origins,
             changed=self.changed,
+            lifecycle=self.lifecycle,
         )
 
     async def changed(self, user: str, *, origins: bool = True) -> None:
@@ -219,13 +227,21 @@ def build_proxy_server(gateway: Gateway, **kwargs: Any) -> web.Server:
     "100 Continue" must not run (the pipeline sends it only after authorisation).
     """
     guard = Guard(
-        gateway.connections, gateway.config.client.header_timeout, gateway.pipeline.record_listener_refusal
+        gateway.connections,
+        gateway.config.client.header_timeout,
+        gateway.pipeline.record_listener_refusal,
+        gateway.lifecycle,
     )
     return GuardedServer(gateway.pipeline.handle, guard=guard, **PROXY_HANDLER_ARGS, **kwargs)
 
 
 def build_admin_runner(gateway: Gateway, **kwargs: Any) -> web.AppRunner:
     """The admin listener's runner: its own connection budget, the head timer, JSON parser refusals."""
-    guard = Guard(gateway.admin_connections, gateway.config.client.header_timeout, gateway.admin_refusal)
+    guard = Guard(
+        gateway.admin_connections,
+        gateway.config.client.header_timeout,
+        gateway.admin_refusal,
+        gateway.lifecycle,
+    )
     app = build_admin_app(gateway.admin_context())
     return GuardedAppRunner(app, guard=guard, **PROXY_HANDLER_ARGS, **kwargs)

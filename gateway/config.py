@@ -67,6 +67,14 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    """How a stopping process drains (README "Shutdown and drain")."""
+
+    drain_delay: float = 5.0  # seconds /readyz is 503 while both listeners still serve
+    timeout: float = 30.0  # seconds in-flight requests and streams get after the listeners close
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityConfig:
     """Names of the identity headers sent upstream."""
 
@@ -118,6 +126,7 @@ class Config:
     keepalive_timeout: float = 75.0  # client keep-alive idle timeout, seconds
     client: ClientLimits = field(default_factory=lambda: ClientLimits())
     admin_cors_origins: tuple[str, ...] = ()  # origins allowed to call the admin API from a browser
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log_level: str = "info"
 
 
@@ -234,6 +243,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
             "routes",
             "limits",
             "admin",
+            "shutdown",
             "log_level",
         ),
     )
@@ -278,6 +288,11 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         ),
     )
     admin = f.mapping(root, "admin", "", ("cors_origins",))
+    node = f.mapping(root, "shutdown", "", ("drain_delay", "timeout"))
+    shutdown = ShutdownConfig(
+        drain_delay=f.number(node, "drain_delay", "shutdown", _SHUTDOWN.drain_delay, allow_zero=True),
+        timeout=f.number(node, "timeout", "shutdown", _SHUTDOWN.timeout, allow_zero=True),
+    )
     log_level = (f.string(root, "log_level", "") or "info").lower()
     if log_level not in LOG_LEVELS:
         f.add(root.line_of("log_level"), "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -325,12 +340,14 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         keepalive_timeout=keepalive,
         client=client,
         admin_cors_origins=admin_origins,
+        shutdown=shutdown,
         log_level=log_level,
     )
 
 
 _CACHE = CacheConfig()
 _CLIENT = ClientLimits()
+_SHUTDOWN = ShutdownConfig()
 _IDENTITY_KEYS = ("user_header", "roles_header", "token_id_header")
 _LISTEN_DEFAULTS: dict[str, Address] = {"proxy": ("127.0.0.1", 8080), "admin": ("127.0.0.1", 8081)}
 # Headers the gateway manages itself: an identity header with one of these names

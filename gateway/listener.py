@@ -1,6 +1,6 @@
 """The listeners' connections: aiohttp's server protocol with the gateway's limits and refusals.
 
-Imports: config, errors, headers, logs, aiohttp's server protocol.
+Imports: config, errors, headers, lifecycle, logs, aiohttp's server protocol.
 
 aiohttp's `RequestHandler` parses requests with its C parser and runs our handler; this
 subclass adds what a gateway exposed to the internet needs and aiohttp leaves out:
@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web, web_response
+from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.errors import Refusal
 from gateway.headers import new_request_id
+from gateway.lifecycle import Lifecycle
 
 log = logging.getLogger("gateway.listener")
 
@@ -83,11 +85,13 @@ class ConnectionBudget:
 
 @dataclass(frozen=True, slots=True)
 class Guard:
-    """What a listener's connections are held to: the budget, the head timer, the refusal hook."""
+    """What a listener's connections are held to: the budget, the head timer, the refusal hook,
+    and the process's lifecycle (while it drains, every answer closes its connection)."""
 
     budget: ConnectionBudget
     header_timeout: float
     on_refusal: RefusalHook | None = None
+    lifecycle: Lifecycle | None = None
 
 
 class GuardedConnection(RequestHandler):
@@ -133,6 +137,12 @@ class GuardedConnection(RequestHandler):
         super().data_received(data)
         if self._head_started is not None and self._messages:
             self._head_started = None  # a whole head is in: the request is the pipeline's now
+
+    def close_if_idle(self) -> None:
+        """Close now unless a request is being handled (shutdown: aiohttp's own pre_shutdown
+        leaves an idle keep-alive connection open until the client closes it)."""
+        if not self._request_in_progress and not self._messages:
+            self.force_close()
 
     def _start_head(self) -> None:
         # One timer per connection, re-armed lazily when it fires: a keep-alive connection's
@@ -199,6 +209,18 @@ class GuardedServer(web.Server):
     def __init__(self, handler: Any, *, guard: Guard, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._guard = guard
+        lifecycle = guard.lifecycle
+        if lifecycle is not None:
+            make = self.request_factory
+
+            def request_factory(message: RawRequestMessage, *args: Any) -> web.BaseRequest:
+                # Draining: the request is read as if it asked to close, so its answer says
+                # `Connection: close` and the connection ends after it (README "Shutdown and drain").
+                if lifecycle.draining:
+                    message = message._replace(should_close=True)
+                return make(message, *args)
+
+            self.request_factory = request_factory
 
     def __call__(self) -> RequestHandler:
         return GuardedConnection(self, loop=self._loop, guard=self._guard, **self._kwargs)

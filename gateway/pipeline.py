@@ -1,6 +1,6 @@
 """The proxy handler: decide (gateway.decision), then mutate and forward; record every request.
 
-Imports: decision, auth, cors, errors, forward_auth, headers, logs, metrics, paths, proxy.
+Imports: decision, auth, cors, errors, forward_auth, headers, lifecycle, logs, metrics, paths, proxy.
 
 ```
 0 GATEWAY   /.gateway/* on the canonical path: the gateway's own endpoints, never forwarded
@@ -13,6 +13,7 @@ Imports: decision, auth, cors, errors, forward_auth, headers, logs, metrics, pat
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -25,6 +26,7 @@ from gateway.decision import Decider, Decision, Settings, is_gateway_path, print
 from gateway.errors import GatewayError, OriginNotAllowed, Refusal, refusal
 from gateway.forward_auth import ForwardAuth
 from gateway.headers import request_id_from
+from gateway.lifecycle import Lifecycle
 from gateway.logs import write_access
 from gateway.metrics import Metrics
 from gateway.paths import split_target
@@ -47,8 +49,10 @@ class Pipeline:
         forwarder: Forwarder,
         metrics: Metrics,
         origins: OriginIndex,
+        lifecycle: Lifecycle,
     ) -> None:
         self.settings = settings
+        self._lifecycle = lifecycle
         self.decider = Decider(authenticator.authenticate, origins)
         self._forwarder = forwarder
         self._metrics = metrics
@@ -108,6 +112,13 @@ class Pipeline:
                 outcome=outcome,
                 limits=settings.config.client,
             )
+        except asyncio.CancelledError:
+            if self._lifecycle.cutting:
+                # The shutdown timeout passed with this request still running (README "Shutdown and drain").
+                outcome.error = "shutdown"
+                status = outcome.upstream_status or 503
+                self._record(request, started, raw_path, request_id, decision, status, None, outcome)
+            raise
         except GatewayError as error:
             response = refusal(error, request_id)
             if decision is not None:

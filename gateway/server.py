@@ -10,10 +10,11 @@ socket open, so connections queued on a dead worker's socket wait for its restar
 instead of being refused. Each worker has its own
 identity cache and polls the change feed, so revocation behaves the same in all of
 them. The parent forwards SIGHUP only after it validated the new version itself (a
-bad version is refused once, and every worker keeps the old one), forwards SIGTERM and
-SIGINT, and restarts a worker that died. Only worker 0 serves the admin listener, so
-`/metrics` describes one process and admin changes apply there at once (within
-250 ms in the other workers, through the change feed).
+bad version is refused once, and every worker keeps the old one), turns SIGTERM and
+SIGINT into SIGUSR1 ("drain") for the workers, which ignore SIGTERM and SIGINT themselves
+(a signal to the whole process group drains once), and restarts a worker that died.
+Only worker 0 serves the admin listener, so `/metrics` describes one process and admin
+changes apply there at once (within 250 ms in the other workers, through the change feed).
 """
 
 from __future__ import annotations
@@ -29,17 +30,20 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
 from gateway.app import ADMIN_MAX_CONNECTIONS, Gateway, build_admin_runner, build_proxy_server
-from gateway.config import Address, Config, load_config
+from gateway.config import Address, Config, ShutdownConfig, load_config
 from gateway.decision import build_settings
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.listener import GuardedConnection
 from gateway.listener_tls import reload_pair, server_context
 from gateway.logs import configure as configure_logging
+from gateway.logs import flush_access_log
 from gateway.store import open_store
 
 log = logging.getLogger("gateway.server")
@@ -65,9 +69,15 @@ def bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
 
 
 async def run_worker(
-    config: Config, proxy: socket.socket, admin: socket.socket | None, index: int = 0
+    config: Config,
+    proxy: socket.socket,
+    admin: socket.socket | None,
+    index: int = 0,
+    *,
+    supervised: bool = False,
 ) -> None:
-    """Serve on the given sockets until SIGINT/SIGTERM; SIGHUP reloads routes and policies."""
+    """Serve on the given sockets until SIGINT/SIGTERM (supervised: the parent's SIGUSR1), then
+    drain; SIGHUP reloads routes, policies and certificates."""
     gateway = await Gateway.open(config)
     # Each worker builds its own TLS contexts: every worker serves TLS, and SIGHUP reloads them.
     contexts = [
@@ -83,7 +93,7 @@ async def run_worker(
         (
             web.ServerRunner(
                 build_proxy_server(gateway, access_log=None, keepalive_timeout=config.keepalive_timeout),
-                shutdown_timeout=10,
+                shutdown_timeout=_CUT,
             ),
             proxy,
             by_name.get("proxy"),
@@ -91,7 +101,7 @@ async def run_worker(
     ]
     if admin is not None:
         admin_runner = build_admin_runner(
-            gateway, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=10
+            gateway, access_log=None, keepalive_timeout=config.keepalive_timeout, shutdown_timeout=_CUT
         )
         sites.append((admin_runner, admin, by_name.get("admin")))
     runners: list[web.BaseRunner] = []
@@ -120,14 +130,71 @@ async def run_worker(
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reload)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        if supervised:
+            # The parent alone reacts to SIGTERM/SIGINT (a signal to the whole process group
+            # drains once) and tells its workers with SIGUSR1.
+            loop.add_signal_handler(signal.SIGUSR1, stop.set)
+        else:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, _second_signal_exits(stop))
         await stop.wait()
-        log.info("shutting down", extra={"worker": index})
+        await drain(gateway, runners, config.shutdown, index)
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
         await gateway.close()
+
+
+# Seconds aiohttp waits for a handler once drain() has decided to cut it: the cut itself.
+_CUT = 0.01
+
+
+def _second_signal_exits(stop: asyncio.Event) -> Callable[[], None]:
+    def on_signal() -> None:
+        if stop.is_set():
+            log.error("second stop signal: exiting at once")
+            flush_access_log()
+            os._exit(1)
+        stop.set()
+
+    return on_signal
+
+
+async def drain(
+    gateway: Gateway, runners: list[web.BaseRunner], shutdown: ShutdownConfig, index: int
+) -> None:
+    """Stop as the drain sequence says (README "Shutdown and drain"): /readyz 503 and
+    `Connection: close` for `drain_delay`, then stop accepting, close idle connections, give
+    requests in flight up to `timeout`, and cut (and log) what is left."""
+    lifecycle = gateway.lifecycle
+    lifecycle.draining = True
+    log.info(
+        "draining: /readyz answers 503; the listeners close after drain_delay",
+        extra={"worker": index, "drain_delay": shutdown.drain_delay, "timeout": shutdown.timeout},
+    )
+    await asyncio.sleep(shutdown.drain_delay)
+    servers = [runner.server for runner in runners if runner.server is not None]
+    for runner in runners:
+        for site in list(runner.sites):
+            await site.stop()  # no new connections; the listening socket closes
+    for server in servers:
+        server.pre_shutdown()  # busy connections close after their answer
+        for connection in server.connections:
+            if isinstance(connection, GuardedConnection):
+                connection.close_if_idle()
+    deadline = time.monotonic() + shutdown.timeout
+    while any(server.connections for server in servers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    left = sum(len(server.connections) for server in servers)
+    if left:
+        log.warning(
+            "shutdown timeout reached: cutting what is still running",
+            extra={"worker": index, "connections": left, "timeout": shutdown.timeout},
+        )
+    lifecycle.cutting = True
+    await asyncio.gather(*(runner.cleanup() for runner in runners))
+    runners.clear()
+    log.info("stopped", extra={"worker": index})
 
 
 def _address(sock: socket.socket) -> str:
@@ -260,10 +327,18 @@ class Supervisor:
             return
         code = 0
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
+            # Ctrl-C, systemd and `tini -g` signal the whole group: only the parent acts on it.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             asyncio.run(
-                run_worker(self._config, self._proxies[index], self._admin if index == 0 else None, index)
+                run_worker(
+                    self._config,
+                    self._proxies[index],
+                    self._admin if index == 0 else None,
+                    index,
+                    supervised=True,
+                )
             )
         except BaseException:  # a worker must never return into the parent's loop
             log.exception("worker failed", extra={"worker": index})
@@ -277,8 +352,12 @@ class Supervisor:
                 os.kill(pid, sig)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
+        if self._stopping:
+            log.error("second stop signal: exiting at once")
+            self._signal_children(signal.SIGKILL)
+            os._exit(1)
         self._stopping = True
-        self._signal_children(signal.SIGTERM)
+        self._signal_children(signal.SIGUSR1)  # drain
 
     def _reload(self, signum: int, frame: FrameType | None) -> None:
         try:

@@ -52,6 +52,14 @@ async def serving(config: Path, **options: Any) -> AsyncIterator[tuple[GatewayPr
         process.stop()
 
 
+def _quick_stop(config: Path) -> None:
+    """Give a config without a `shutdown` block a drain delay of 0, so the many tests that stop
+    a process do not each wait the production default (5 s); drain tests set their own."""
+    text = config.read_text()
+    if not any(line.startswith("shutdown:") for line in text.splitlines()):
+        config.write_text(text.rstrip("\n") + "\nshutdown: {drain_delay: 0, timeout: 10}\n")
+
+
 def _limit_files(count: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
@@ -69,6 +77,7 @@ class GatewayProcess:
     ) -> None:
         """Start the child; `open_files` caps its RLIMIT_NOFILE (soft and hard)."""
         self.config = config
+        _quick_stop(config)
         self.proxy_port = free_port()
         self.admin_port = free_port()
         self.log_path = config.parent / f"gateway-{self.proxy_port}.log"
