@@ -18,7 +18,7 @@ from gateway.auth import Authenticator, LastUsed, TokenCache
 from gateway.changefeed import ChangeFeed
 from gateway.config import Config, load_config
 from gateway.cors import OriginIndex
-from gateway.decision import Settings, build_settings
+from gateway.decision import Decider, Settings, build_settings
 from gateway.errors import ConfigError, Refusal, StoreUnavailable
 from gateway.lifecycle import Lifecycle
 from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
@@ -29,6 +29,7 @@ from gateway.proxy import Forwarder
 from gateway.services import Directory
 from gateway.store import Change, Store, open_store
 from gateway.upstream import UpstreamClient
+from gateway.websocket import Sockets, WebSocketRelay
 
 log = logging.getLogger("gateway.app")
 
@@ -74,15 +75,21 @@ class Gateway:
         self.connections = ConnectionBudget(limit=config.client.max_connections)
         # The admin listener has its own, so a flood on the proxy never locks operators out.
         self.admin_connections = ConnectionBudget(limit=ADMIN_MAX_CONNECTIONS)
+        decider = Decider(self.authenticator.authenticate, self.origins)
+        forwarder = Forwarder(self.upstreams)
+        # Open WebSockets are decided again when the feed brings a change, on reload and on expiry.
+        self.sockets = Sockets(decider, lambda: self.pipeline.settings, self.feed.trusted, self.metrics)
         self.pipeline = Pipeline(
             settings,
-            self.authenticator,
-            Forwarder(self.upstreams),
+            decider,
+            forwarder,
+            WebSocketRelay(forwarder, self.sockets),
             self.metrics,
             self.origins,
             self.lifecycle,
         )
         self.feed.subscribe(self._on_changes)
+        self.feed.subscribe(self.sockets.on_changes)
         self.directory = Directory(store, lambda: self.pipeline.settings.table)
         self._tasks: list[asyncio.Task[None]] = []
         self._origin_refresh: asyncio.Task[None] | None = None
@@ -154,6 +161,7 @@ class Gateway:
         gateway._tasks = [
             asyncio.create_task(gateway.feed.run(), name="change-feed"),
             asyncio.create_task(gateway._housekeeping(), name="last-used"),
+            asyncio.create_task(gateway.sockets.run(), name="websocket-checks"),
         ]
         return gateway
 
@@ -193,6 +201,7 @@ class Gateway:
             if old != new:
                 log.warning("%s changed: it takes effect only after a restart", what)
         self.pipeline.settings = settings
+        self.sockets.on_reload()
         # A request still on the old version reopens its pool; it closes on the next reload.
         self.upstreams.retain({(r.name, r.upstream, r.max_connections, r.tls) for r in config.routes})
         log.info("configuration reloaded", extra={"routes": len(config.routes)})
@@ -207,6 +216,7 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.sockets.stop()
         await self.authenticator.close()
         await self._flush_once()
         flush_access_log()

@@ -63,6 +63,7 @@ class RouteConfig:
     max_connections: int = 100  # size of this route's upstream connection pool
     cors: CorsConfig | None = None  # None: CORS is left to the upstream
     tls: UpstreamTls | None = None  # how to talk TLS to an https upstream (None: the defaults)
+    websocket: bool = False  # WebSocket handshakes are authorised and relayed (README "WebSocket")
     source: str = ""  # "file:line" of the route, for messages
 
 
@@ -487,6 +488,7 @@ _ROUTE_KEYS = (
     "max_connections",
     "cors",
     "tls",
+    "websocket",
 )
 _TLS_KEYS = ("ca_file", "cert_file", "key_file", "server_name", "verify")
 
@@ -541,6 +543,7 @@ def _routes(f: Validator, root: LineDict, base: Path) -> tuple[RouteConfig, ...]
                 if "cors" in item
                 else None,
                 tls=_tls(f, item, where, upstream, base) if "tls" in item else None,
+                websocket=f.boolean(item, "websocket", where, False),
                 source=f"{f.file}:{line}",
             )
         )

@@ -1,6 +1,6 @@
 """The decision: may this request pass, and as whom? One function, three callers.
 
-Imports: config, policy, paths, cors, headers, errors, store.
+Imports: config, policy, paths, cors, handshake, headers, errors, store.
 
 The proxy handler (then forwards), forward-auth `/.gateway/authz` (answers with it) and
 explain (prints why) all call `Decider.decide`, so the order below exists exactly once
@@ -14,6 +14,7 @@ explain (prints why) all call `Decider.decide`, so the order below exists exactl
   PREFLIGHT   OPTIONS + Origin + Access-Control-Request-Method on a cors route (proxy only)
 4 RULE        first matching rule; public: skip to 7
 5 CREDENTIAL  bearer → Principal (cache, then store)       → 401 …; 503 store_unavailable
+              (a WebSocket handshake: checked, and its bearer.<credential> subprotocol → 400)
 6 PERMISSION  the rule's permission, from carried roles    → 403 forbidden (also: no rule)
 7 ORIGIN      Origin allowed for this user on this route   → 403 origin_not_allowed
 ```
@@ -41,6 +42,7 @@ from gateway.errors import (
     OriginNotAllowed,
     RouteNotFound,
 )
+from gateway.handshake import check_handshake, is_handshake, subprotocol_credential
 from gateway.headers import HeaderPolicy
 from gateway.paths import canonicalize
 from gateway.policy import RoutePolicy, RouteTable, Rule, load_route_table
@@ -111,6 +113,8 @@ class Decision:
     has_origin = False  # an Origin header was sent on a route with a cors block
     origin: str | None = None  # its normalised value (None: not a usable origin)
     preflight: dict[str, str] | None = None  # a CORS preflight's answer headers
+    websocket = False  # a WebSocket handshake on a `websocket: true` route
+    subprotocols: tuple[str, ...] = ()  # what it offers, bearer entry removed
     error: GatewayError | None = None
 
     def __init__(self, method: str, raw_path: str) -> None:
@@ -188,6 +192,12 @@ class Decider:
             rule = route.first_match(method, canonical)
             decision.rule = rule
             authorization = headers.getall("Authorization", [])
+            if route.config.websocket and "Upgrade" in headers and is_handshake(method, headers):
+                # Where the credential may also be: the handshake's subprotocol list.
+                decision.stage = "credential"
+                check_handshake(headers)
+                authorization, decision.subprotocols = subprotocol_credential(headers, authorization)
+                decision.websocket = True
             if rule is None or not rule.public:
                 decision.stage = "credential"
                 principal = await self.authenticate(authorization)

@@ -1,6 +1,6 @@
 """Header hygiene both ways: what the upstream may see, and what the client gets back.
 
-Imports: config and multidict only. Built once per configuration; runs on every request.
+Imports: config, handshake and multidict only. Built once per configuration; runs on every request.
 
 Order matters and is the security property: everything a client could use to spoof
 an identity is stripped *before* the gateway sets its own values, so a client's
@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import IdentityConfig
+from gateway.handshake import without_bearer
 
 _HOP_BY_HOP = frozenset(
     {
@@ -70,6 +71,7 @@ _RESPONSE_DROP = _HOP_BY_HOP | {"server"}
 _DEFAULT_IDENTITY = frozenset({"x-service-user", "x-service-user-roles", "x-service-token-id"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _FOLD = str.maketrans("_.", "--")
+_SUBPROTOCOL = frozenset({"sec-websocket-protocol"})
 
 TrustedNetworks = tuple[IPv4Network | IPv6Network, ...]
 
@@ -156,6 +158,11 @@ class HeaderPolicy:
             # A client may name headers in Connection (every line of it counts, RFC 9110
             # section 7.6.1); never let that reach our own.
             drop = drop | connection_named(inbound)
+        protocols = None
+        if "Sec-WebSocket-Protocol" in inbound:
+            # A bearer.<credential> entry is a credential: never forwarded, on any route.
+            drop = drop | _SUBPROTOCOL
+            protocols = without_bearer(inbound.getall("Sec-WebSocket-Protocol"))
         out: CIMultiDict[str] = CIMultiDict()
         client_host = inbound.get("Host")
         for name, value in inbound.items():
@@ -169,6 +176,8 @@ class HeaderPolicy:
             if folded in _FORWARDING and not trusted:
                 continue
             out.add(name, value)
+        if protocols is not None:
+            out["Sec-WebSocket-Protocol"] = protocols
         if identity is not None:
             user, roles, token_id = identity
             out[self.identity.user_header] = user

@@ -77,6 +77,12 @@ class Metrics:
         self.cached_identities = Gauge(
             "gateway_cached_identities", "Identities currently in the token cache.", registry=self.registry
         )
+        self.websockets_open = Gauge(
+            "gateway_websockets_open",
+            "WebSockets being relayed, by route.",
+            ["route"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

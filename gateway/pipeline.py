@@ -18,9 +18,9 @@ import logging
 import time
 
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import Counter
 
-from gateway.auth import Authenticator
 from gateway.cors import OriginIndex
 from gateway.decision import Decider, Decision, Settings, is_gateway_path, printable
 from gateway.errors import GatewayError, OriginNotAllowed, Refusal, refusal
@@ -31,6 +31,7 @@ from gateway.logs import write_access
 from gateway.metrics import Metrics
 from gateway.paths import split_target
 from gateway.proxy import Forwarder, Outcome, refuse_oversized, refuse_transfer_codings
+from gateway.websocket import WebSocketRelay
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -45,16 +46,18 @@ class Pipeline:
     def __init__(
         self,
         settings: Settings,
-        authenticator: Authenticator,
+        decider: Decider,
         forwarder: Forwarder,
+        websockets: WebSocketRelay,
         metrics: Metrics,
         origins: OriginIndex,
         lifecycle: Lifecycle,
     ) -> None:
         self.settings = settings
         self._lifecycle = lifecycle
-        self.decider = Decider(authenticator.authenticate, origins)
+        self.decider = decider
         self._forwarder = forwarder
+        self._websockets = websockets
         self._metrics = metrics
         # labels() is a lock and a dict walk; the children are looked up once per (route, status).
         self._request_counters: dict[tuple[str | None, int], Counter] = {}
@@ -94,6 +97,10 @@ class Pipeline:
                 request_id=request_id,
                 identity=decision.identity(),
             )
+            if decision.websocket:
+                return await self._websocket(
+                    request, settings, decision, upstream_headers, query, started, request_id, outcome
+                )
             body_limit = config.max_body or settings.config.max_body
             refuse_oversized(request, body_limit)
             if headers.get("Expect", "").lower() == "100-continue" and request.writer is not None:
@@ -139,6 +146,39 @@ class Pipeline:
             )
             return response
         self._record(request, started, raw_path, request_id, decision, response.status, None, outcome)
+        return response
+
+    async def _websocket(
+        self,
+        request: web.BaseRequest,
+        settings: Settings,
+        decision: Decision,
+        headers: CIMultiDict[str],
+        query: str,
+        started: float,
+        request_id: str,
+        outcome: Outcome,
+    ) -> web.StreamResponse:
+        """Relay an authorised WebSocket handshake; its line is written when the socket ends."""
+        upstream_path = decision.upstream_path()
+        cors = decision.cors
+        response, ended = await self._websockets.open(
+            request,
+            decision,
+            target=upstream_path + "?" + query if query else upstream_path,
+            headers=headers,
+            cors_headers=cors.response_headers(decision.origin) if cors is not None else None,
+            request_id=request_id,
+            outcome=outcome,
+            limits=settings.config.client,
+        )
+        extra = None
+        if ended is not None:
+            outcome.error = ended.error
+            extra = ended.fields()
+        status = response.status
+        path = decision.raw_path
+        self._record(request, started, path, request_id, decision, status, None, outcome, extra=extra)
         return response
 
     async def _gateway_endpoint(
@@ -193,6 +233,7 @@ class Pipeline:
         outcome: Outcome,
         *,
         method: str | None = None,
+        extra: dict[str, object] | None = None,
     ) -> None:
         route = decision.route if decision is not None else None
         principal = decision.principal if decision is not None else None
@@ -211,18 +252,18 @@ class Pipeline:
         if outcome.client_gone:
             code = "client_disconnected"
         level = logging.ERROR if status >= 500 or outcome.error else logging.INFO
-        write_access(
-            level,
-            {
-                "request_id": request_id,
-                "method": method or request.method,
-                "path": printable(raw_path),
-                "route": route_name,
-                "user": principal.user if principal is not None else None,
-                "token_id": principal.token_id if principal is not None else None,
-                "status": status,
-                "upstream_status": outcome.upstream_status,
-                "error": code,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            },
-        )
+        line: dict[str, object] = {
+            "request_id": request_id,
+            "method": method or request.method,
+            "path": printable(raw_path),
+            "route": route_name,
+            "user": principal.user if principal is not None else None,
+            "token_id": principal.token_id if principal is not None else None,
+            "status": status,
+            "upstream_status": outcome.upstream_status,
+            "error": code,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if extra is not None:
+            line.update(extra)
+        write_access(level, line)

@@ -96,6 +96,44 @@ class Forwarder:
         finally:
             upstream.release()
 
+    async def handshake(
+        self,
+        request: web.BaseRequest,
+        route: RouteConfig,
+        *,
+        target: str,
+        headers: CIMultiDict[str],
+        cors_headers: dict[str, str] | None,
+        request_id: str,
+        outcome: Outcome,
+        limits: ClientLimits,
+    ) -> UpstreamResponse | web.StreamResponse:
+        """Send a WebSocket handshake upstream: its 101 (the caller owns the connection from
+        then on), or any other answer already relayed to the client as plain HTTP."""
+        pool = self._client.pool_for(route.name, route.upstream, route.max_connections, route.tls)
+        sent = time.perf_counter()
+        upstream = await self._client.send(
+            pool,
+            "GET",
+            target,
+            headers,
+            body=None,
+            length=None,
+            body_limit=0,
+            timeout=route.timeout,
+            upgrade=True,
+        )
+        outcome.upstream_status = upstream.status
+        outcome.upstream_seconds = time.perf_counter() - sent
+        if upstream.status == 101:
+            return upstream
+        try:
+            return await self._relay(
+                request, upstream, cors_headers, request_id, outcome, limits.send_timeout
+            )
+        finally:
+            upstream.release()
+
     async def _relay(
         self,
         request: web.BaseRequest,

@@ -174,6 +174,7 @@ async def drain(
     )
     await asyncio.sleep(shutdown.drain_delay)
     servers = [runner.server for runner in runners if runner.server is not None]
+    gateway.sockets.close_all()  # 1001 at once: a WebSocket has no "after this answer"
     for runner in runners:
         for site in list(runner.sites):
             await site.stop()  # no new connections; the listening socket closes

@@ -194,6 +194,11 @@ class UpstreamResponse:
         self._writer = writer
         self._done = False
 
+    @property
+    def connection(self) -> Connection:
+        """The connection this answer came on (after a 101, the WebSocket's)."""
+        return self._protocol
+
     def release(self) -> None:
         """Give the connection back: to the pool when the exchange finished cleanly, else closed."""
         if self._done:
@@ -409,6 +414,7 @@ class UpstreamClient:
         body_limit: int,
         timeout: float,
         body_timeout: float = 30.0,
+        upgrade: bool = False,
     ) -> UpstreamResponse:
         """Send one request and wait for its response head (1xx skipped).
 
@@ -417,7 +423,9 @@ class UpstreamClient:
         `length`, or chunked when `length` is None; a client that pauses a streamed body for
         `body_timeout` seconds gets 408. A reused connection the upstream closed in the
         meantime is retried once on a new one for idempotent requests whose body is not a
-        stream, as every HTTP client does.
+        stream, as every HTTP client does. With `upgrade` (a WebSocket handshake) a 101 is an
+        answer: the connection is then the caller's (`UpstreamResponse.connection`) until it
+        closes the response.
         """
         if isinstance(body, bytes):
             head = _request_head(method, pool.endpoint, target, headers, len(body), True) + body
@@ -445,7 +453,7 @@ class UpstreamClient:
                     _write_body(protocol, body, length is None, counter, timeout, body_timeout)
                 )
             try:
-                message, payload = await _read_head(protocol, writer)
+                message, payload = await _read_head(protocol, writer, upgrade)
             except TimeoutError as exc:
                 pool.release(protocol, reusable=False)
                 if writer is not None:
@@ -490,13 +498,15 @@ class UpstreamClient:
 
 
 async def _read_head(
-    protocol: Connection, writer: asyncio.Task[None] | None
+    protocol: Connection, writer: asyncio.Task[None] | None, upgrade: bool = False
 ) -> tuple[RawResponseMessage, StreamReader]:
     while True:
         message, payload = await protocol.read()
         if not 100 <= message.code <= 199:
             return message, payload
         if message.code == 101:
+            if upgrade:
+                return message, payload
             # Never asked for (Upgrade is stripped): the connection is no longer HTTP.
             raise HttpProcessingError(message="the upstream switched protocols unasked")
         # 1xx are interim (103 Early Hints and the like). aiohttp stops the read timer at
