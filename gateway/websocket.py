@@ -202,7 +202,11 @@ class Sockets:
         for socket in sockets:
             if socket.ended is not None:
                 continue
-            decision = await self._decider.decide(settings, "GET", socket.raw_path, socket.headers)
+            try:
+                decision = await self._decider.decide(settings, "GET", socket.raw_path, socket.headers)
+            except Exception:  # noqa: BLE001 - one socket's failed check must not stop the others'
+                log.exception("could not check an open WebSocket again", extra={"route": socket.route})
+                continue
             error = decision.error
             if isinstance(error, StoreUnavailable):
                 continue  # the trust check below closes it once the grace is over
