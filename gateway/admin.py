@@ -197,10 +197,18 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=json.dumps(openapi_document(roles)).encode(), content_type="application/json")
 
 
+async def _close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+    # A request read before the shutdown signal is answered after it: it must say close too.
+    if request.app[CONTEXT].lifecycle.draining:
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
 def build_admin_app(context: AdminContext) -> web.Application:
     """The admin listener's app (separate port, loopback by default)."""
     app = web.Application(middlewares=[admin_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = context
+    app.on_response_prepare.append(_close_while_draining)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

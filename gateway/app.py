@@ -76,7 +76,7 @@ class Gateway:
         # The admin listener has its own, so a flood on the proxy never locks operators out.
         self.admin_connections = ConnectionBudget(limit=ADMIN_MAX_CONNECTIONS)
         decider = Decider(self.authenticator.authenticate, self.origins)
-        forwarder = Forwarder(self.upstreams)
+        forwarder = Forwarder(self.upstreams, self.lifecycle)
         # Open WebSockets are decided again when the feed brings a change, on reload and on expiry.
         self.sockets = Sockets(decider, lambda: self.pipeline.settings, self.feed.trusted, self.metrics)
         self.pipeline = Pipeline(

@@ -1,6 +1,6 @@
 """The streaming forwarder: one upstream request per client request, bodies streamed both ways.
 
-Imports: config, errors, headers, upstream, aiohttp.
+Imports: config, errors, headers, lifecycle, upstream, aiohttp.
 
 Contract: `Forwarder.forward` is called only for an authorised request, with headers
 already cleaned by `headers.HeaderPolicy`. It returns the prepared (and finished)
@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 from gateway.config import ClientLimits, RouteConfig
 from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from gateway.headers import merge_vary, response_headers
+from gateway.lifecycle import Lifecycle
 from gateway.upstream import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("gateway.proxy")
@@ -49,8 +50,9 @@ class Outcome:
 class Forwarder:
     """Sends one authorised request upstream and streams the answer back."""
 
-    def __init__(self, client: UpstreamClient) -> None:
+    def __init__(self, client: UpstreamClient, lifecycle: Lifecycle) -> None:
         self._client = client
+        self._lifecycle = lifecycle
 
     async def forward(
         self,
@@ -154,6 +156,9 @@ class Forwarder:
                     value = merge_vary(headers.popall("Vary"), value)
                 headers[name] = value
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if self._lifecycle.draining:
+            # Also for a request read before the shutdown signal (README "Shutdown and drain").
+            response.force_close()
         transport = request.transport
         try:
             await response.prepare(request)

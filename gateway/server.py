@@ -134,6 +134,8 @@ async def run_worker(
             # The parent alone reacts to SIGTERM/SIGINT (a signal to the whole process group
             # drains once) and tells its workers with SIGUSR1.
             loop.add_signal_handler(signal.SIGUSR1, stop.set)
+            if _drain_asked:  # the parent asked while this worker was still starting
+                stop.set()
         else:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, _second_signal_exits(stop))
@@ -147,6 +149,12 @@ async def run_worker(
 
 # Seconds aiohttp waits for a handler once drain() has decided to cut it: the cut itself.
 _CUT = 0.01
+_drain_asked = False  # a worker got SIGUSR1 before its event loop could take it
+
+
+def _ask_drain(signum: int, frame: FrameType | None) -> None:
+    global _drain_asked
+    _drain_asked = True
 
 
 def _second_signal_exits(stop: asyncio.Event) -> Callable[[], None]:
@@ -178,13 +186,17 @@ async def drain(
     for runner in runners:
         for site in list(runner.sites):
             await site.stop()  # no new connections; the listening socket closes
-    for server in servers:
-        server.pre_shutdown()  # busy connections close after their answer
-        for connection in server.connections:
-            if isinstance(connection, GuardedConnection):
-                connection.close_if_idle()
+    # Not aiohttp's pre_shutdown(): it makes a connection drop the bytes still arriving, so an
+    # upload in flight could never finish. Answers given while draining say `Connection: close`
+    # and end their connection; one that is idle (or became idle) is closed here.
     deadline = time.monotonic() + shutdown.timeout
-    while any(server.connections for server in servers) and time.monotonic() < deadline:
+    while True:
+        for server in servers:
+            for connection in server.connections:
+                if isinstance(connection, GuardedConnection):
+                    connection.close_if_idle()
+        if not any(server.connections for server in servers) or time.monotonic() >= deadline:
+            break
         await asyncio.sleep(0.05)
     left = sum(len(server.connections) for server in servers)
     if left:
@@ -332,6 +344,13 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGUSR1, _ask_drain)
+            # Only its own sockets: a copy of another's would keep that port open after drain_delay.
+            for other, sock in enumerate(self._proxies):
+                if other != index:
+                    sock.close()
+            if index != 0:
+                self._admin.close()
             asyncio.run(
                 run_worker(
                     self._config,
@@ -359,6 +378,10 @@ class Supervisor:
             os._exit(1)
         self._stopping = True
         self._signal_children(signal.SIGUSR1)  # drain
+        # The workers' copies keep serving through drain_delay; when they close theirs the
+        # ports must refuse connections, not queue them on sockets only the parent holds.
+        for sock in (*self._proxies, self._admin):
+            sock.close()
 
     def _reload(self, signum: int, frame: FrameType | None) -> None:
         try:
