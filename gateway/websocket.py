@@ -46,6 +46,7 @@ log = logging.getLogger("gateway.websocket")
 Closed = tuple[str, int | None, str]  # (who closed: client | upstream, close code, reason)
 
 MAX_MESSAGE = 4 * 1024 * 1024  # bytes; a larger message closes the socket with 1009
+_READER_LIMIT = MAX_MESSAGE + 1  # aiohttp refuses a message of its limit or more
 _QUEUE_LIMIT = 64 * 1024  # bytes parsed ahead of the relay before the socket stops reading
 _CHECK_EVERY = 0.25  # seconds between expiry and store-trust checks of open sockets
 # Close codes that say what happened on the wire and must never be sent in a close frame.
@@ -64,7 +65,7 @@ class ClientSocket(web.WebSocketResponse):
 
     def __init__(self, chosen: str | None) -> None:
         super().__init__(
-            autoclose=False, autoping=False, compress=False, max_msg_size=MAX_MESSAGE, timeout=5.0
+            autoclose=False, autoping=False, compress=False, max_msg_size=_READER_LIMIT, timeout=5.0
         )
         self._chosen = chosen
 
@@ -90,7 +91,7 @@ class UpstreamSocket:
         protocol.read_timeout = None  # an idle socket is never timed out (the route timeout is HTTP's)
         self._queue = WebSocketDataQueue(protocol, _QUEUE_LIMIT, loop=asyncio.get_running_loop())
         # Held here too: the queue keeps only a weak reference to a reader it stalled.
-        self._reader = WebSocketReader(self._queue, MAX_MESSAGE, compress=False, decode_text=True)
+        self._reader = WebSocketReader(self._queue, _READER_LIMIT, compress=False, decode_text=True)
         protocol.set_parser(self._reader, self._queue)
         self._writer = WebSocketWriter(protocol, transport, use_mask=True)
 
@@ -164,6 +165,9 @@ class Sockets:
         self._metrics = metrics
         self._open: set[OpenSocket] = set()
         self._checking: set[asyncio.Task[None]] = set()
+        # Sockets whose last check could not reach the store: checked again every tick until
+        # one succeeds (the change that asked for the check has already gone by in the feed).
+        self._unchecked: set[OpenSocket] = set()
         self.closing = False  # shutdown: no new socket is relayed
 
     def __len__(self) -> int:
@@ -176,6 +180,7 @@ class Sockets:
 
     def discard(self, socket: OpenSocket) -> None:
         """`socket` ended."""
+        self._unchecked.discard(socket)
         if socket in self._open:
             self._open.remove(socket)
             self._metrics.websockets_open.labels(socket.route).dec()
@@ -206,10 +211,13 @@ class Sockets:
                 decision = await self._decider.decide(settings, "GET", socket.raw_path, socket.headers)
             except Exception:  # noqa: BLE001 - one socket's failed check must not stop the others'
                 log.exception("could not check an open WebSocket again", extra={"route": socket.route})
+                self._unchecked.add(socket)
                 continue
             error = decision.error
             if isinstance(error, StoreUnavailable):
-                continue  # the trust check below closes it once the grace is over
+                self._unchecked.add(socket)
+                continue
+            self._unchecked.discard(socket)
             if error is not None or not decision.websocket:
                 socket.end("revoked", _POLICY, _GOING_AWAY, error.refusal.value if error else "forbidden")
 
@@ -225,7 +233,10 @@ class Sockets:
                     socket.end("revoked", _TRY_AGAIN, _GOING_AWAY, "store_unavailable")
                 continue
             now = time.time()
-            self.recheck(s for s in self._open if s.expires_at is not None and s.expires_at <= now)
+            due = {s for s in self._open if s.expires_at is not None and s.expires_at <= now}
+            due |= self._unchecked & self._open
+            self._unchecked.clear()
+            self.recheck(due)
 
     def close_all(self) -> None:
         """Shutdown: every open socket gets 1001 now."""
@@ -341,6 +352,8 @@ class WebSocketRelay:
                     data = message.data
                 elif kind is WSMsgType.CLOSE:
                     return "client", message.data, message.extra or ""
+                elif kind is WSMsgType.ERROR and isinstance(message.data, WebSocketError):
+                    return "client", message.data.code, ""  # 1009 too big, 1007 not UTF-8, …
                 else:  # CLOSING, CLOSED, ERROR: aiohttp has closed the client side already
                     return "client", client.close_code or 1006, ""
                 counts[0] += len(data)
@@ -351,11 +364,12 @@ class WebSocketRelay:
                 message = await upstream.receive()
                 kind = message.type
                 if kind is WSMsgType.TEXT:
-                    counts[1] += len(message.data)
-                    await client.send_str(message.data)
+                    data = message.data.encode()
+                    counts[1] += len(data)
+                    await client.send_frame(data, WSMsgType.TEXT)
                 elif kind is WSMsgType.BINARY:
                     counts[1] += len(message.data)
-                    await client.send_bytes(message.data)
+                    await client.send_frame(message.data, WSMsgType.BINARY)
                 elif kind is WSMsgType.PING:
                     await client.ping(message.data)
                 elif kind is WSMsgType.PONG:

@@ -598,12 +598,6 @@ async def test_sigterm_closes_sockets_with_1001_after_the_drain_delay(
 LOOKUP_TIMEOUT = 2.0  # store_call_timeout of the default outage grace (5 s)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/websocket.py Sockets._recheck (lines 211-212) skips a socket whose recheck got "
-    "StoreUnavailable and never rechecks it again: the change feed has moved past the change and the "
-    "feed stays trusted, so a disabled user's socket stays open for good",
-)
 async def test_a_revocation_seen_while_the_token_lookup_fails_still_closes_the_socket(
     tmp_path: Path, upstream: WsUpstream
 ) -> None:
