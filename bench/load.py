@@ -1,15 +1,20 @@
-"""Load generators: wrk for request rates and latency, curl for the streaming runs."""
+"""Load generators: wrk for request rates and latency, curl for the streaming runs, and
+bench/ws_load.py for WebSocket round trips."""
 
 from __future__ import annotations
 
 import json
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.procs import CLK_TCK, RssSampler, core_ticks, status_kib, tree_cpu_ticks
+from bench.servers import REPO
+from bench.ws_load import TOKEN_ENV
 
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_report.lua"
 
@@ -41,7 +46,7 @@ class WrkResult:
     """Share of the server's core used by anything but the server during the run (0..1)."""
     settle: str = ""
     command: str = ""
-    raw: dict[str, float] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
 
     @property
     def error_count(self) -> int:
@@ -57,9 +62,14 @@ def run_wrk(
     cpus: str = "0",
     server_pid: int | None = None,
     sut_core: int | None = None,
+    load_core: int | None = None,
     timeout_s: int = 5,
 ) -> WrkResult:
-    """`taskset -c CPUS wrk -t1 -cN -dDs --latency` (+ the Authorization header when `token`)."""
+    """`taskset -c CPUS wrk -t1 -cN -dDs --latency` (+ the Authorization header when `token`).
+
+    `load_core`: also record how busy wrk's core was (`raw["load_core_busy"]`, 0..1): with
+    TLS wrk encrypts too, and a saturated load core means the server had time to spare.
+    """
     argv = [
         "taskset",
         "-c",
@@ -76,17 +86,21 @@ def run_wrk(
     argv.append(url)
     before = tree_cpu_ticks(server_pid) if server_pid else None
     core_before = core_ticks(sut_core) if sut_core is not None else None
+    load_before = core_ticks(load_core) if load_core is not None else None
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     wall = time.monotonic() - started
     after = tree_cpu_ticks(server_pid) if server_pid else None
     core_after = core_ticks(sut_core) if sut_core is not None else None
+    load_after = core_ticks(load_core) if load_core is not None else None
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no WRK_JSON line:\n{done.stdout}\n{done.stderr}")
     raw = json.loads(line.removeprefix("WRK_JSON "))
+    if load_before is not None and load_after is not None:
+        raw["load_core_busy"] = (load_after[0] - load_before[0]) / max(1, load_after[1] - load_before[1])
     requests = int(raw["requests"])
     duration_s = raw["duration_us"] / 1e6
     cpu_us: float | None = None
@@ -119,6 +133,85 @@ def run_wrk(
         cpu_util=util,
         others_on_sut_core=others,
         command=shown(argv, token),
+        raw=raw,
+    )
+
+
+def run_ws_load(
+    url: str,
+    *,
+    sockets: int,
+    duration: float,
+    warmup: float,
+    env: dict[str, str],
+    token: str = "",
+    size: int = 64,
+    cpus: str = "0",
+    server_pid: int | None = None,
+    sut_core: int | None = None,
+    load_core: int | None = None,
+) -> WrkResult:
+    """`taskset -c CPUS python -m bench.ws_load …`: WebSocket round trips, as a WrkResult.
+
+    The record is wrk's, a request being one round trip (send a message, receive its echo),
+    so the rounds, medians and table rows of the HTTP runs apply unchanged. The client
+    reads the server's CPU time itself at the edges of its measured window; `raw` keeps
+    its own CPU use (`client_cpu`) and that of the load core (`load_core_busy`), which say
+    whether the client side was the limit.
+    """
+    argv = ["taskset", "-c", cpus, sys.executable, "-m", "bench.ws_load", "--url", url]
+    argv += ["--sockets", str(sockets), "--size", str(size)]
+    argv += ["--warmup", f"{warmup:g}", "--duration", f"{duration:g}"]
+    if server_pid is not None:
+        argv += ["--server-pid", str(server_pid)]
+    if sut_core is not None:
+        argv += ["--sut-core", str(sut_core)]
+    if load_core is not None:
+        argv += ["--load-core", str(load_core)]
+    child_env = dict(env)
+    if token:
+        child_env[TOKEN_ENV] = token
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        env=child_env,
+        cwd=REPO,
+        timeout=warmup + duration + 60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"ws_load failed ({done.returncode}): {done.stderr[-2000:] or done.stdout}")
+    line = next((x for x in done.stdout.splitlines() if x.startswith("WS_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"ws_load printed no WS_JSON line:\n{done.stdout}\n{done.stderr}")
+    raw = json.loads(line.removeprefix("WS_JSON "))
+    count = int(raw["round_trips"])
+    seconds = float(raw["duration_s"])
+    ticks = raw["server_ticks"]
+    cpu_us = ticks / CLK_TCK * 1e6 / count if ticks is not None and count else None
+    util = ticks / CLK_TCK / seconds if ticks is not None and seconds else None
+    others: float | None = None
+    if raw["sut_core_busy_ticks"] is not None:
+        others = max(0.0, (raw["sut_core_busy_ticks"] - (ticks or 0)) / max(1, raw["sut_core_total_ticks"]))
+    shown_command = shlex.join(argv)
+    if token:
+        shown_command = f"{TOKEN_ENV}=$TOKEN {shown_command}"
+    return WrkResult(
+        connections=sockets,
+        requests=count,
+        duration_s=seconds,
+        rps=count / seconds if seconds else 0.0,
+        lat_mean_ms=raw["lat_mean_us"] / 1000,
+        lat_p50_ms=raw["lat_p50_us"] / 1000,
+        lat_p90_ms=raw["lat_p90_us"] / 1000,
+        lat_p99_ms=raw["lat_p99_us"] / 1000,
+        lat_max_ms=raw["lat_max_us"] / 1000,
+        errors={"ws_errors": int(raw["errors"])},
+        cpu_us_per_req=cpu_us,
+        cpu_util=util,
+        others_on_sut_core=others,
+        command=shown_command,
         raw=raw,
     )
 

@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -261,12 +262,27 @@ def wait_http_ok(url: str, proc: Proc, timeout: float = 30.0) -> None:
 
 
 def http_get(
-    url: str, headers: dict[str, str] | None = None, timeout: float = 5.0
+    url: str, headers: dict[str, str] | None = None, timeout: float = 5.0, cafile: Path | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    """One GET to a loopback URL: (status, headers, body); HTTP errors are returned, not raised."""
+    """One GET to a loopback URL: (status, headers, body); HTTP errors are returned, not raised.
+
+    `cafile`: an https URL is verified against this certificate (the bench's self-signed one).
+    """
     request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 (loopback URL we built)
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
             return response.status, dict(response.headers.items()), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers.items()), error.read()
+
+
+def tls_probe(port: int, cafile: Path) -> str:
+    """The protocol and cipher a default client (OpenSSL's defaults, as wrk's) gets from 127.0.0.1:`port`."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection((LOOPBACK, port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=LOOPBACK) as tls,
+    ):
+        cipher = tls.cipher()
+        return f"{tls.version()} {cipher[0] if cipher else '?'}"

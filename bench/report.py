@@ -68,6 +68,52 @@ def ratio(results: Results, a: str, b: str) -> float | None:
     return run_a.c50.rps / run_b.c50.rps
 
 
+def _median(runs: dict[str, ServerRun], key: str) -> ServerRun | None:
+    """`runs[key]` when it was measured (the edge scenario's dicts of runs)."""
+    run = runs.get(key)
+    return run if run is not None and run.c50 is not None else None
+
+
+def _c50(runs: dict[str, ServerRun], key: str) -> WrkResult | None:
+    run = _median(runs, key)
+    return run.c50 if run is not None else None
+
+
+def _c1(runs: dict[str, ServerRun], key: str) -> WrkResult | None:
+    run = _median(runs, key)
+    return run.c1 if run is not None else None
+
+
+def rate_ratio(runs: dict[str, ServerRun], a: str, b: str) -> float | None:
+    """req/s (round trips/s) of `a` over that of `b`, N connections, median rounds."""
+    run_a, run_b = _c50(runs, a), _c50(runs, b)
+    if run_a is None or run_b is None or not run_b.rps:
+        return None
+    return run_a.rps / run_b.rps
+
+
+def p50_gap_us(runs: dict[str, ServerRun], a: str, b: str) -> float | None:
+    """p50 latency at 1 connection (1 socket) of `a` minus that of `b`, in µs."""
+    run_a, run_b = _c1(runs, a), _c1(runs, b)
+    if run_a is None or run_b is None:
+        return None
+    return (run_a.lat_p50_ms - run_b.lat_p50_ms) * 1000
+
+
+def cpu_gap_us(runs: dict[str, ServerRun], a: str, b: str) -> float | None:
+    """CPU µs per request of `a` minus that of `b`, N connections."""
+    run_a, run_b = _c50(runs, a), _c50(runs, b)
+    if run_a is None or run_b is None or run_a.cpu_us_per_req is None or run_b.cpu_us_per_req is None:
+        return None
+    return run_a.cpu_us_per_req - run_b.cpu_us_per_req
+
+
+# The budget of the TLS latency target: a fifth of the ≈240 µs the plain gateway adds to a
+# request at 1 connection (README "Performance"); record encryption of a few hundred bytes
+# each way should cost far less than that.
+TLS_ADDED_BUDGET_US = 50.0
+
+
 def _others(*results: WrkResult | None) -> str:
     """'core 1: others took X % (…)' for the runs a target compares."""
     shares = [r.others_on_sut_core for r in results if r is not None and r.others_on_sut_core is not None]
@@ -158,6 +204,77 @@ def targets(results: Results) -> list[Target]:
                         f"machine {_pct(lookup.machine_busy)} busy, this process {_pct(lookup.own_cpu)}",
                     )
                 )
+    if "edge" in results.options.only:
+        found.extend(edge_targets(results))
+    return found
+
+
+def edge_targets(results: Results) -> list[Target]:
+    """TLS and WebSocket targets of the edge scenario."""
+    tls, ws = results.tls_runs, results.ws_runs
+    connections = results.options.connections
+    found: list[Target] = []
+    gw, gw_tls = _c50(tls, "gw"), _c50(tls, "gw-tls")
+    vs_plain = rate_ratio(tls, "gw-tls", "gw")
+    found.append(
+        Target(
+            f"gateway TLS throughput ≥ 0.85 × gateway plain HTTP ({connections} connections, same rounds)",
+            "–"
+            if gw is None or gw_tls is None or vs_plain is None
+            else f"{gw_tls.rps:,.0f} req/s = {vs_plain:.2f} × plain's {gw.rps:,.0f}",
+            None if vs_plain is None else vs_plain >= 0.85,
+            _others(gw_tls, gw),
+        )
+    )
+    found.append(
+        Target(
+            f"gateway TLS p99 ≤ 20 ms at {connections} connections (SQLite)",
+            "–" if gw_tls is None else f"{gw_tls.lat_p99_ms:.2f} ms",
+            None if gw_tls is None else gw_tls.lat_p99_ms <= 20,
+            _others(gw_tls),
+        )
+    )
+    gw_cpu, tls_cpu = (r.cpu_us_per_req if r is not None else None for r in (gw, gw_tls))
+    cpu_ratio = tls_cpu / gw_cpu if tls_cpu is not None and gw_cpu else None
+    found.append(
+        Target(
+            "gateway CPU per request with TLS ≤ 1.18 × without (the CPU form of the 0.85 above: "
+            "it does not depend on how much of core 1 others took)",
+            "–" if cpu_ratio is None else f"{tls_cpu:.0f} µs vs {gw_cpu:.0f} µs = {cpu_ratio:.2f} ×",
+            None if cpu_ratio is None else cpu_ratio <= 1.18,
+            _others(gw_tls, gw),
+        )
+    )
+    added = p50_gap_us(tls, "gw-tls", "gw")
+    found.append(
+        Target(
+            f"TLS adds ≤ {TLS_ADDED_BUDGET_US:.0f} µs per request at 1 connection "
+            "(gateway; p50 TLS − p50 plain)",
+            "–" if added is None else f"{added:.0f} µs",
+            None if added is None else added <= TLS_ADDED_BUDGET_US,
+            _others(_c1(tls, "gw-tls"), _c1(tls, "gw")),
+        )
+    )
+    ws_gw = _c50(ws, "ws-gw")
+    per_rt = ws_gw.cpu_us_per_req if ws_gw is not None else None
+    per_req = gw.cpu_us_per_req if gw is not None else None
+    found.append(
+        Target(
+            "gateway CPU per WebSocket round trip ≤ its CPU per proxied HTTP request (same run)",
+            "–" if per_rt is None or per_req is None else f"{per_rt:.0f} µs vs {per_req:.0f} µs",
+            None if per_rt is None or per_req is None else per_rt <= per_req,
+            _others(ws_gw, gw),
+        )
+    )
+    rounds = [r for run in ws.values() for r in run.c50_rounds + run.c1_rounds]
+    errors = sum(r.error_count for r in rounds)
+    found.append(
+        Target(
+            "no WebSocket round trip lost, late (> 5 s) or wrong (every run, every round)",
+            "–" if not rounds else f"{errors} error(s) in {sum(r.requests for r in rounds):,} round trips",
+            None if not rounds else errors == 0,
+        )
+    )
     return found
 
 
@@ -244,7 +361,7 @@ def render(results: Results, previous: Path) -> str:
     add = out.append
     mode = (
         "full run"
-        if not options.quick and options.only == ("throughput", "streaming", "lookups")
+        if options.everything
         else (("quick run" if options.quick else "partial run") + f", scenarios: {', '.join(options.only)}")
     )
     add("# Gateway benchmark results")
@@ -261,9 +378,9 @@ def render(results: Results, previous: Path) -> str:
     )
     add("")
     add("```sh")
-    add("bash bench/run.sh                       # everything, 6-10 minutes; rewrites bench/RESULTS.md")
+    add("bash bench/run.sh                       # everything, 11-16 minutes; rewrites bench/RESULTS.md")
     add("bash bench/run.sh --quick               # short runs; writes bench/work/RESULTS.partial.md")
-    add("bash bench/run.sh --only throughput     # or streaming, lookups (comma-separated or repeated)")
+    add("bash bench/run.sh --only throughput     # or streaming, lookups, edge (comma-separated or repeated)")
     add("```")
     add("")
     add("## Targets")
@@ -466,6 +583,9 @@ def render(results: Results, previous: Path) -> str:
         for note in results.lookup_notes:
             add(f"- {note}")
         add("")
+    if "edge" in options.only:
+        out.extend(_tls_section(results))
+        out.extend(_ws_section(results))
     add("## Exact commands")
     add("")
     add(
@@ -499,6 +619,174 @@ def render(results: Results, previous: Path) -> str:
     add(HEADLINE_MARK + row + " -->")
     add("")
     return "\n".join(out)
+
+
+def _tls_section(results: Results) -> list[str]:
+    """## TLS termination: gateway and nginx, each with and without TLS, in the same rounds."""
+    options = results.options
+    runs = results.tls_runs
+    out = [f"## TLS termination, {options.connections} connections", ""]
+    out.append(
+        "The same self-signed pair (ECDSA P-256, made in the work directory) served by (g) nginx "
+        "(`listen … ssl`, TLS 1.2/1.3, the gateway's cipher list; the same keep-alive upstream pool "
+        "as (b)) and (f) `gateway serve` on SQLite with the proxy listener in the object form "
+        "(`listeners.proxy: {listen, tls: {cert_file, key_file}}`). (c) is the same gateway config "
+        "with a plain listener (the two share one SQLite store and token); (b) is the plain nginx "
+        "proxy again. All four run on core 1 and are measured in the same interleaved rounds with "
+        "`wrk https://…` on core 0, as in the throughput scenario, so each TLS figure has its own "
+        "plain-HTTP figure from the same sitting."
+    )
+    out.append("")
+    out.append(
+        "**Handshakes are amortised:** wrk keeps its connections alive, so each connection does one "
+        "TLS handshake when the run starts and none after; these figures are the cost of TLS records "
+        "(decrypting requests, encrypting answers) on warm connections. Clients that open a "
+        "connection per request would also pay a full handshake (ECDHE + an ECDSA P-256 signature) "
+        "each time, which is not measured here."
+    )
+    if results.tls_negotiated:
+        out.append("")
+        out.append(
+            "Negotiated with a default OpenSSL client (Python's `ssl`, the same library and defaults "
+            "as wrk's): "
+            + "; ".join(f"{label}: {what}" for label, what in results.tls_negotiated.items())
+            + "."
+        )
+    out.append("")
+    out.append(
+        "wrk does its side of TLS on core 0, beside the upstream: where the *core 0 busy* column is "
+        "near 100 % the load side was the limit and the server had time to spare (nginx, as a "
+        "rule), so compare CPU µs/req there rather than req/s."
+    )
+    out.append("")
+    out.append(
+        "| server | req/s | p50 ms | p99 ms | max ms | CPU µs/req | server CPU | core 0 busy "
+        "| others on core 1 | errors | note |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for run in runs.values():
+        out.append(_tls_row(run.label, run.c50, _rounds_note(run)))
+    out.append("")
+    gw_cpu, ng_cpu = cpu_gap_us(runs, "gw-tls", "gw"), cpu_gap_us(runs, "nginx-tls", "nginx")
+    out.append(
+        f"- (f)/(g) gateway TLS / nginx TLS throughput: {_f(rate_ratio(runs, 'gw-tls', 'nginx-tls'), '.2f')}"
+    )
+    out.append(
+        f"- TLS cost in throughput: gateway (f)/(c) {_f(rate_ratio(runs, 'gw-tls', 'gw'), '.2f')}, "
+        f"nginx (g)/(b) {_f(rate_ratio(runs, 'nginx-tls', 'nginx'), '.2f')} "
+        f"(for reference, plain (c)/(b): {_f(rate_ratio(runs, 'gw', 'nginx'), '.2f')})"
+    )
+    out.append(
+        f"- TLS cost in CPU per request: gateway {_f(gw_cpu, '+,.0f')} µs, nginx {_f(ng_cpu, '+,.0f')} µs "
+        "(CPU µs/req with TLS minus without, same rounds)"
+    )
+    out.append("")
+    out.append("### 1 connection (the latency TLS adds)")
+    out.append("")
+    out.append(
+        "| server | req/s | mean µs | p50 µs | p99 µs | TLS adds µs (p50 − plain p50) | CPU µs/req "
+        "| others on core 1 |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|")
+    plain_of = {"nginx-tls": "nginx", "gw-tls": "gw"}
+    for key, run in runs.items():
+        if run.c1 is None:
+            out.append(f"| {run.label} | – | – | – | – | – | – | – |")
+            continue
+        added = _f(p50_gap_us(runs, key, plain_of[key]), "+,.0f") if key in plain_of else "–"
+        out.append(
+            f"| {run.label} | {run.c1.rps:,.0f} | {run.c1.lat_mean_ms * 1000:,.0f} "
+            f"| {run.c1.lat_p50_ms * 1000:,.0f} | {run.c1.lat_p99_ms * 1000:,.0f} | {added} "
+            f"| {_f(run.c1.cpu_us_per_req)} | {_pct(run.c1.others_on_sut_core)} |"
+        )
+    out.append("")
+    return out
+
+
+def _tls_row(label: str, result: WrkResult | None, note: str) -> str:
+    """A wrk row with the load core's busy share (wrk encrypts too) before 'others on core 1'."""
+    if result is None:
+        return f"| {label} | – | – | – | – | – | – | – | – | – | {note or 'not measured'} |"
+    return (
+        f"| {label} | {result.rps:,.0f} | {result.lat_p50_ms:.2f} | {result.lat_p99_ms:.2f} "
+        f"| {result.lat_max_ms:.1f} | {_f(result.cpu_us_per_req)} | {_pct(result.cpu_util)} "
+        f"| {_pct(result.raw.get('load_core_busy'))} | {_pct(result.others_on_sut_core)} "
+        f"| {result.error_count} | {note} |"
+    )
+
+
+def _ws_row(label: str, result: WrkResult | None, note: str) -> str:
+    if result is None:
+        return f"| {label} | – | – | – | – | – | – | – | – | – | – | – | {note or 'not measured'} |"
+    raw = result.raw
+    return (
+        f"| {label} | {result.connections} | {result.rps:,.0f} | {result.lat_p50_ms * 1000:,.0f} "
+        f"| {result.lat_p99_ms * 1000:,.0f} | {result.lat_max_ms:.1f} | {_f(result.cpu_us_per_req)} "
+        f"| {_pct(result.cpu_util)} | {_pct(raw.get('client_cpu'))} | {_pct(raw.get('load_core_busy'))} "
+        f"| {_pct(result.others_on_sut_core)} | {result.error_count} | {note} |"
+    )
+
+
+def _ws_section(results: Results) -> list[str]:
+    """## WebSocket round trips: direct to the echo upstream and through the gateway."""
+    options = results.options
+    runs = results.ws_runs
+    out = ["## WebSocket round trips", ""]
+    out.append(
+        f"Upstream `bench/ws_upstream.py` (aiohttp + uvloop, core 0) echoes every message. Client "
+        f"`bench/ws_load.py` (aiohttp `ws_connect` on uvloop, core 0): {options.ws_sockets} sockets "
+        f"(then 1), each sending a {options.ws_size}-byte binary message, waiting for its echo, "
+        "checking it byte for byte and sending the next (one message in flight per socket), "
+        f"{options.warmup:g} s warm-up (0.5 s with 1 socket) then {options.duration:g} s measured "
+        f"({options.c1_duration:g} s with 1 socket). (h) goes straight to the upstream; (i) goes "
+        "through `gateway serve` (core 1, SQLite, the (c) process of the TLS section) on a route "
+        "with `websocket: true`, authenticated with `Authorization: Bearer` on the handshake: "
+        "the gateway parses every message on one side and frames it again on the other, so a "
+        "round trip is two messages relayed. The client reads the server's CPU time and the busy "
+        "time of core 0 and core 1 at the edges of its measured window (connects, warm-up and "
+        "closes excluded). Server CPU in (h) is the upstream's, in (i) the gateway's."
+    )
+    out.append("")
+    out.append(
+        "Core 0 carries the client **and** the upstream (both Python), so when its busy column is "
+        "near 100 % the figure is the load side's limit, not the server's; the gateway's CPU per "
+        "round trip does not depend on that. In (h) a round trip never leaves core 0, while in (i) "
+        "it crosses to core 1 and back twice: the added latency at 1 socket includes those four "
+        "cross-core wake-ups, as any proxy hop on another core would. At 1 socket every message "
+        "also wakes an idle server, so its CPU per round trip is mostly that wake-up cost; the "
+        f"{options.ws_sockets}-socket figure is the relay's own."
+    )
+    out.append("")
+    out.append(
+        "| path | sockets | round trips/s | p50 µs | p99 µs | max ms | server CPU µs/round trip "
+        "| server CPU | client CPU | core 0 busy | others on core 1 | errors | note |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for run in runs.values():
+        out.append(_ws_row(run.label, run.c50, _rounds_note(run)))
+    for run in runs.values():
+        out.append(_ws_row(run.label + ", 1 socket", run.c1, ""))
+    out.append("")
+    gw_http = _c50(results.tls_runs, "gw")
+    ws_gw = _c50(runs, "ws-gw")
+    out.append(f"- (i)/(h) round trips per second: {_f(rate_ratio(runs, 'ws-gw', 'ws-direct'), '.2f')}")
+    if ws_gw is not None and gw_http is not None and ws_gw.cpu_us_per_req and gw_http.cpu_us_per_req:
+        out.append(
+            f"- gateway CPU: {ws_gw.cpu_us_per_req:.0f} µs per round trip (two messages relayed) vs "
+            f"{gw_http.cpu_us_per_req:.0f} µs per proxied HTTP request ((c), same run): "
+            f"{ws_gw.cpu_us_per_req / gw_http.cpu_us_per_req:.2f} ×"
+        )
+    out.append(
+        f"- latency added per round trip at 1 socket (p50 (i) − p50 (h)): "
+        f"{_f(p50_gap_us(runs, 'ws-gw', 'ws-direct'))} µs"
+    )
+    first_errors = {
+        r.raw.get("first_error") for run in runs.values() for r in run.c50_rounds + run.c1_rounds
+    } - {"", None}
+    if first_errors:
+        out.append(f"- errors seen: {'; '.join(sorted(str(e) for e in first_errors))}")
+    out.append("")
+    return out
 
 
 def summary(results: Results) -> str:

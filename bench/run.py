@@ -1,4 +1,5 @@
-"""The gateway benchmark: throughput and latency, streaming, cold lookups; writes bench/RESULTS.md.
+"""The gateway benchmark: throughput and latency, streaming, cold lookups, TLS and WebSocket
+(edge); writes bench/RESULTS.md.
 
 Run it through `bash bench/run.sh [OPTIONS]` (which installs nginx-light and wrk); the
 options are those of `python -m bench.run --help`. Every process is started and
@@ -15,6 +16,7 @@ import platform
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -27,15 +29,26 @@ from typing import Any
 import asyncpg
 
 from bench import report
-from bench.load import StreamResult, WrkResult, run_curl_stream, run_wrk, shown
+from bench.load import StreamResult, WrkResult, run_curl_stream, run_wrk, run_ws_load, shown
 from bench.lookups import LookupResult, measure
-from bench.procs import LOOPBACK, Processes, child_pids, cpu_ticks, free_port, http_get, wait_until_quiet
+from bench.procs import (
+    LOOPBACK,
+    Processes,
+    child_pids,
+    cpu_ticks,
+    free_port,
+    http_get,
+    tls_probe,
+    wait_until_quiet,
+)
 from bench.servers import (
     BENCH_PATH,
     REPO,
     UPSTREAM_BODY,
+    WS_PATH,
     GatewaySetup,
     Server,
+    TlsPair,
     create_bench_token,
     gateway_serve_argv,
     start_bare_proxy,
@@ -43,10 +56,13 @@ from bench.servers import (
     start_nginx_proxy,
     start_nginx_upstream,
     start_stream_upstream,
+    start_ws_upstream,
     write_gateway_config,
+    write_self_signed_pair,
 )
+from bench.ws_load import sanity as ws_sanity
 
-SCENARIOS = ("throughput", "streaming", "lookups")
+SCENARIOS = ("throughput", "streaming", "lookups", "edge")
 DEFAULT_PG = os.environ.get("GATEWAY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 # Cores: the load generator and the upstream share core 0; the server under test has core 1.
 LOAD_CPUS = "0"
@@ -69,6 +85,9 @@ class Options:
     results: Path
     keep: bool
     settle: float
+    ws_sockets: int = 50
+    ws_size: int = 64
+    everything: bool = False  # every scenario, full length: a "full run" in the report
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -78,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         action="append",
         default=[],
         metavar="SCENARIO",
-        help="run only these scenarios (throughput, streaming, lookups; repeat or comma-separate)",
+        help="run only these scenarios (throughput, streaming, lookups, edge; repeat or comma-separate)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="short runs: 1 s warm-up, 3 s runs, 200 MB, 100k tokens"
@@ -89,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--c1-duration", type=float, help="seconds of the 1-connection run (default 5; quick 3)"
     )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    parser.add_argument(
+        "--ws-sockets", type=int, default=50, help="edge: WebSocket sockets of the load client (default 50)"
+    )
+    parser.add_argument(
+        "--ws-size", type=int, default=64, help="edge: bytes per WebSocket message (default 64)"
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -141,6 +166,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         results=results,
         keep=bool(args.keep),
         settle=args.settle if args.settle is not None else (5.0 if quick else 20.0),
+        ws_sockets=max(1, args.ws_sockets),
+        ws_size=max(1, args.ws_size),
+        everything=not quick and selected == SCENARIOS,
     )
 
 
@@ -240,6 +268,9 @@ class Results:
     stream_note: str = ""
     lookups: list[LookupResult] = field(default_factory=list)
     lookup_notes: list[str] = field(default_factory=list)
+    tls_runs: dict[str, ServerRun] = field(default_factory=dict)
+    tls_negotiated: dict[str, str] = field(default_factory=dict)
+    ws_runs: dict[str, ServerRun] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
     configs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -265,6 +296,7 @@ class Bench:
         self.results = Results(options)
         self.upstream_port = free_port()
         self.stream_port = free_port()
+        self.ws_port = free_port()
         self.setups: dict[str, GatewaySetup | None] = {}
         self.pg_ok: bool | None = None
 
@@ -308,10 +340,13 @@ class Bench:
             self.results.configs.setdefault("gw-*/policies/bench.yaml", policy.read_text())
         return self.setups[store]
 
-    def sanity(self, server_url: str, token: str, expect_user: bool) -> None:
-        """One request before the load: 200, the 98-byte body, and (through a proxy) the identity."""
+    def sanity(self, server_url: str, token: str, expect_user: bool, cafile: Path | None = None) -> None:
+        """One request before the load: 200, the 98-byte body, and (through a proxy) the identity.
+
+        `cafile`: an https server is verified against the bench's certificate.
+        """
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        status, response_headers, body = http_get(server_url + BENCH_PATH, headers)
+        status, response_headers, body = http_get(server_url + BENCH_PATH, headers, cafile=cafile)
         if status != 200 or body != UPSTREAM_BODY.encode():
             raise RuntimeError(f"sanity check of {server_url}: HTTP {status}, body {body[:200]!r}")
         seen = {k.lower(): v for k, v in response_headers.items()}.get("x-seen-user")
@@ -340,6 +375,7 @@ class Bench:
             cpus=LOAD_CPUS,
             server_pid=pid,
             sut_core=sut_core,
+            load_core=int(LOAD_CPUS),
         )
         c50.settle = settle
         run.c50_rounds.append(c50)
@@ -355,6 +391,7 @@ class Bench:
             cpus=LOAD_CPUS,
             server_pid=pid,
             sut_core=sut_core,
+            load_core=int(LOAD_CPUS),
         )
         run.c1_rounds.append(c1)
         log(f"{tag}: 1 connection p50 {c1.lat_p50_ms * 1000:.0f} µs, {c1.rps:,.0f} req/s")
@@ -551,6 +588,148 @@ class Bench:
             )
         (self.work / "lookups.db").unlink(missing_ok=True)
 
+    def edge_setups(self, pair: TlsPair) -> tuple[GatewaySetup, GatewaySetup]:
+        """Two gateway configs that differ only in the proxy listener (plain HTTP / TLS with
+        `pair`), each with the routes `bench`, `stream` and `ws` (`websocket: true`). They share
+        one SQLite store, so one token serves both."""
+        store = f"sqlite+aiosqlite:///{self.work / 'gw-edge' / 'gateway.db'}"
+        upstreams = (f"http://{LOOPBACK}:{self.upstream_port}", f"http://{LOOPBACK}:{self.stream_port}")
+        ws_upstream = f"http://{LOOPBACK}:{self.ws_port}"
+        plain = write_gateway_config(self.work / "gw-edge", store, *upstreams, ws_upstream=ws_upstream)
+        create_bench_token(plain, self.env)
+        tls = write_gateway_config(
+            self.work / "gw-edge-tls", store, *upstreams, tls=pair, ws_upstream=ws_upstream
+        )
+        tls.token = plain.token
+        for text in plain.commands:
+            self.command(text)
+        for setup in (plain, tls):
+            self.results.configs[f"{setup.directory.name}/gateway.yaml"] = setup.config.read_text()
+        self.results.configs["gw-edge*/policies/ws.yaml"] = (
+            plain.directory / "policies" / "ws.yaml"
+        ).read_text()
+        log(f"gateway configs for edge: {plain.config}, {tls.config} (one SQLite store)")
+        return plain, tls
+
+    def measure_ws_round(self, run: ServerRun, url: str, pid: int, token: str, *, round_no: int) -> None:
+        """One round of WebSocket round trips: N sockets, then 1 socket (the latency one client sees)."""
+        options = self.options
+        sut_core = None if run.key == "ws-direct" else int(SUT_CPUS)
+        tag = f"{run.label} [round {round_no + 1}/{options.rounds}]"
+        waited, busy = wait_until_quiet(QUIET, options.settle)
+        settle = f"waited {waited:.0f} s for a quiet machine; CPU use then {busy * 100:.0f} %"
+        log(f"{tag}: {settle}")
+        for sockets, duration, warmup, rounds in (
+            (options.ws_sockets, options.duration, options.warmup, run.c50_rounds),
+            (1, options.c1_duration, min(options.warmup, 0.5), run.c1_rounds),
+        ):
+            result = run_ws_load(
+                url,
+                sockets=sockets,
+                duration=duration,
+                warmup=warmup,
+                env=self.env,
+                token=token,
+                size=options.ws_size,
+                cpus=LOAD_CPUS,
+                server_pid=pid,
+                sut_core=sut_core,
+                load_core=int(LOAD_CPUS),
+            )
+            result.settle = settle
+            rounds.append(result)
+            self.command(result.command)
+            log(
+                f"{tag}: {sockets} socket(s): {result.rps:,.0f} round trips/s, p50 "
+                f"{result.lat_p50_ms * 1000:.0f} µs, p99 {result.lat_p99_ms * 1000:.0f} µs, server CPU "
+                f"{result.cpu_us_per_req or 0:.0f} µs/round trip, load core "
+                f"{(result.raw.get('load_core_busy') or 0) * 100:.0f} % busy, errors {result.error_count}"
+                + (f" ({result.raw['first_error']})" if result.raw.get("first_error") else "")
+            )
+
+    def edge(self) -> None:
+        """TLS termination (gateway vs nginx, each against its own plain-HTTP figure) and
+        WebSocket round trips (direct vs through the gateway), every server started at once and
+        measured in interleaved rounds, like the throughput scenario, so the ratios come from
+        one sitting."""
+        results = self.results
+        upstream = start_nginx_upstream(self.procs, self.work, LOAD_CPUS, self.upstream_port)
+        self.command(upstream.proc.command)
+        results.configs.setdefault("nginx-upstream.conf", (self.work / "nginx-upstream.conf").read_text())
+        started: list[Server] = [upstream]
+        try:
+            ws_upstream = start_ws_upstream(self.procs, LOAD_CPUS, self.ws_port)
+            started.append(ws_upstream)
+            self.command(ws_upstream.proc.command)
+            pair = write_self_signed_pair(self.work / "tls")
+            self.command(
+                "# the TLS pair: made with `cryptography` (write_self_signed_pair); the same as\n"
+                f"openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {pair.key} "
+                f"-out {pair.cert} -days 90 -subj /CN=gateway-bench "
+                "-addext subjectAltName=DNS:localhost,IP:127.0.0.1"
+            )
+            plain_setup, tls_setup = self.edge_setups(pair)
+            token = plain_setup.token
+            measured: list[tuple[ServerRun, Callable[[int], None]]] = []
+
+            def http(run: ServerRun, server: Server, token: str, expect_user: bool) -> None:
+                results.tls_runs[run.key] = run
+                self.sanity(server.url, token, expect_user, cafile=pair.cert)
+                if server.scheme == "https":
+                    results.tls_negotiated[run.label] = tls_probe(server.port, pair.cert)
+                measured.append(
+                    (run, lambda n: self.measure_round(run, server, server.pid, token, round_no=n))
+                )
+
+            proxy = start_nginx_proxy(self.procs, self.work, SUT_CPUS, self.upstream_port)
+            started.append(proxy)
+            self.command(proxy.proc.command)
+            results.configs.setdefault("nginx-proxy.conf", (self.work / "nginx-proxy.conf").read_text())
+            http(ServerRun("nginx", "(b) nginx reverse proxy, plain HTTP"), proxy, "", False)
+            proxy_tls = start_nginx_proxy(self.procs, self.work, SUT_CPUS, self.upstream_port, tls=pair)
+            started.append(proxy_tls)
+            self.command(proxy_tls.proc.command)
+            results.configs["nginx-proxy-tls.conf"] = (self.work / "nginx-proxy-tls.conf").read_text()
+            http(ServerRun("nginx-tls", "(g) nginx terminating TLS"), proxy_tls, "", False)
+            gateways: dict[str, Server] = {}
+            for key, label, setup in (
+                ("gw", "(c) gateway, SQLite, plain HTTP", plain_setup),
+                ("gw-tls", "(f) gateway, SQLite, TLS", tls_setup),
+            ):
+                gateway = start_gateway(self.procs, setup, SUT_CPUS, f"gw-edge-{key}")
+                started.append(gateway)
+                gateways[key] = gateway
+                self.command(shown(gateway.proc.argv, token) + f"  2> {gateway.proc.log_path.name}")
+                http(ServerRun(key, label), gateway, token, True)
+
+            def websocket(run: ServerRun, url: str, pid: int, token: str) -> None:
+                results.ws_runs[run.key] = run
+                _run_async(ws_sanity(url, token, "bench" if token else ""))
+                measured.append((run, lambda n: self.measure_ws_round(run, url, pid, token, round_no=n)))
+
+            websocket(
+                ServerRun(
+                    "ws-direct", "(h) WebSocket echo upstream direct", note="shares core 0 with the client"
+                ),
+                f"ws://{LOOPBACK}:{self.ws_port}{WS_PATH}",
+                ws_upstream.pid,
+                "",
+            )
+            websocket(
+                ServerRun("ws-gw", "(i) through the gateway (SQLite, plain HTTP)"),
+                f"ws://{LOOPBACK}:{plain_setup.proxy_port}{WS_PATH}",
+                gateways["gw"].pid,
+                token,
+            )
+            for round_no in range(self.options.rounds):
+                for _, measure_one in measured:
+                    measure_one(round_no)
+            for run, _ in measured:
+                run.settle_medians()
+        finally:
+            for server in reversed(started):
+                self.procs.stop(server.proc)
+
     def run(self) -> Results:
         self.results.facts = facts(self.options)
         log(f"work directory {self.work}")
@@ -558,6 +737,7 @@ class Bench:
             "throughput": self.throughput,
             "streaming": self.streaming,
             "lookups": self.lookups,
+            "edge": self.edge,
         }
         for name in self.options.only:
             load_before = _loadavg()
@@ -652,6 +832,7 @@ def facts(options: Options) -> dict[str, str]:
         "nginx": _version(["nginx", "-v"]),
         "wrk": _version(["wrk", "-v"]).split(" Copyright")[0],
         "curl": _version(["curl", "--version"]).split(" (")[0],
+        "OpenSSL (wrk, nginx) / Python's ssl": f"{_version(['openssl', 'version'])} / {ssl.OPENSSL_VERSION}",
         "PostgreSQL server": postgres,
         "load average at start": _loadavg(),
     }

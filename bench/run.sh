@@ -4,9 +4,9 @@
 # Usage (as root, from anywhere; needs 2 cores and PostgreSQL at 127.0.0.1:5432, user
 # postgres, database test, for the PostgreSQL figures):
 #
-#   bash bench/run.sh                    # everything (6-10 min); rewrites bench/RESULTS.md
+#   bash bench/run.sh                    # everything (11-16 min); rewrites bench/RESULTS.md
 #   bash bench/run.sh --quick            # short runs; writes bench/work/RESULTS.partial.md
-#   bash bench/run.sh --only throughput  # or streaming, lookups (comma-separated or repeated)
+#   bash bench/run.sh --only throughput  # or streaming, lookups, edge (comma-separated or repeated)
 #   bash bench/run.sh --help             # every option (durations, sizes, --results, --keep)
 #
 # What it measures (see bench/RESULTS.md for the method and the latest figures):
@@ -17,6 +17,10 @@
 #   streaming   1 GB down and 1 GB up through the gateway (curl, bench/stream_upstream.py),
 #               MB/s and the gateway's peak RSS.
 #   lookups     Store.lookup_token at 1,000,000 tokens on SQLite and PostgreSQL, p50/p99.
+#   edge        TLS termination: wrk https:// against the gateway (SQLite) and nginx, each with
+#               a self-signed P-256 pair, and both again over plain HTTP in the same rounds;
+#               WebSocket round trips (bench/ws_load.py, bench/ws_upstream.py) direct and
+#               through the gateway on a `websocket: true` route.
 #
 # It installs Debian's nginx-light and wrk when missing, starts and stops every process by
 # PID, sends traffic only to 127.0.0.1, and leaves nothing running.

@@ -2,16 +2,25 @@
 
 Each `start_*` function writes its own config into the run's work directory, starts the
 process through `Processes` (pinned with taskset), waits until it answers, and returns it.
+The edge scenario adds TLS (one self-signed pair for nginx and the gateway alike) and a
+WebSocket echo upstream with a `websocket: true` route to it.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import re
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from bench.procs import LOOPBACK, Proc, Processes, free_port, wait_http_ok, wait_port
 
@@ -24,6 +33,7 @@ UPSTREAM_BODY = (
 assert len(UPSTREAM_BODY.encode()) == 98, len(UPSTREAM_BODY.encode())
 
 BENCH_PATH = "/bench/item"
+WS_PATH = "/ws/echo"
 ROLE = "bench-reader"
 
 
@@ -34,14 +44,64 @@ class Server:
     proc: Proc
     port: int
     label: str
+    scheme: str = "http"  # https: the server terminates TLS; ws: a WebSocket upstream
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{self.scheme}://{LOOPBACK}:{self.port}"
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+@dataclass(frozen=True)
+class TlsPair:
+    """A PEM certificate and its private key, as files."""
+
+    cert: Path
+    key: Path
+
+
+def write_self_signed_pair(directory: Path, days: int = 90) -> TlsPair:
+    """A P-256 key and a self-signed certificate for 127.0.0.1 and localhost.
+
+    P-256 (ECDSA) because it is what a TLS front usually serves today and signs a handshake
+    far cheaper than RSA-2048; 90 days because the gateway warns about a pair that expires
+    within 14. Both nginx and the gateway serve this same pair, so neither gets a cheaper key.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway-bench")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pair = TlsPair(directory / "bench.crt", directory / "bench.key")
+    pair.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    pair.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    pair.key.chmod(0o600)
+    return pair
 
 
 def _nginx_conf(work: Path, name: str, http_body: str) -> Path:
@@ -111,12 +171,29 @@ def start_nginx_upstream(procs: Processes, work: Path, cpus: str, port: int) -> 
     return Server(proc, port, "nginx upstream")
 
 
-def start_nginx_proxy(procs: Processes, work: Path, cpus: str, upstream_port: int) -> Server:
-    """nginx as a plain reverse proxy (keep-alive pool to the upstream), no auth."""
+def start_nginx_proxy(
+    procs: Processes, work: Path, cpus: str, upstream_port: int, tls: TlsPair | None = None
+) -> Server:
+    """nginx as a plain reverse proxy (keep-alive pool to the upstream), no auth.
+
+    With `tls`, the same proxy terminating TLS with that pair (config `nginx-proxy-tls.conf`):
+    TLS 1.2/1.3 and the gateway's own cipher list, so the two offer the same handshake.
+    """
     port = free_port()
+    name = "proxy" if tls is None else "proxy-tls"
+    listen = [f"listen {LOOPBACK}:{port};"]
+    if tls is not None:
+        listen = [
+            f"listen {LOOPBACK}:{port} ssl;",
+            f"ssl_certificate {tls.cert};",
+            f"ssl_certificate_key {tls.key};",
+            "ssl_protocols TLSv1.2 TLSv1.3;",
+            "ssl_ciphers ECDHE+AESGCM:ECDHE+CHACHA20;",
+        ]
+    server_lines = ("\n" + " " * 12).join(listen)  # inside `server {`, before dedent
     conf = _nginx_conf(
         work,
-        "proxy",
+        name,
         f"""\
         upstream bench_upstream {{
             server {LOOPBACK}:{upstream_port};
@@ -124,7 +201,7 @@ def start_nginx_proxy(procs: Processes, work: Path, cpus: str, upstream_port: in
             keepalive_requests 1000000;
         }}
         server {{
-            listen {LOOPBACK}:{port};
+            {server_lines}
             location / {{
                 proxy_pass http://bench_upstream;
                 proxy_http_version 1.1;
@@ -133,9 +210,11 @@ def start_nginx_proxy(procs: Processes, work: Path, cpus: str, upstream_port: in
         }}
         """,
     )
-    proc = procs.start("nginx-proxy", nginx_argv(work, conf), cpus=cpus)
+    proc = procs.start(f"nginx-{name}", nginx_argv(work, conf), cpus=cpus)
     wait_port(port, proc)
-    return Server(proc, port, "nginx proxy")
+    if tls is None:
+        return Server(proc, port, "nginx proxy")
+    return Server(proc, port, "nginx TLS proxy", scheme="https")
 
 
 def start_bare_proxy(
@@ -177,6 +256,14 @@ def start_stream_upstream(procs: Processes, cpus: str, port: int) -> Server:
     return Server(proc, port, "streaming upstream")
 
 
+def start_ws_upstream(procs: Processes, cpus: str, port: int) -> Server:
+    """bench/ws_upstream.py: a WebSocket echo server."""
+    argv = [sys.executable, "-m", "bench.ws_upstream", "--listen", f"{LOOPBACK}:{port}"]
+    proc = procs.start("ws-upstream", argv, cpus=cpus, cwd=REPO)
+    wait_port(port, proc)
+    return Server(proc, port, "WebSocket echo upstream", scheme="ws")
+
+
 # -- the gateway ---------------------------------------------------------------------
 
 POLICY = f"""\
@@ -204,6 +291,18 @@ routes:
 """
 
 
+# The edge scenario's WebSocket route: a separate policy file, written only with that route
+# (rules for a route the config does not define are an error).
+WS_POLICY = """\
+routes:
+  ws:
+    rules:
+      - methods: [GET]
+        paths: ["/ws/**"]
+        require: "bench:read"
+"""
+
+
 @dataclass
 class GatewaySetup:
     """A gateway config directory with its store prepared and a real token in it."""
@@ -215,40 +314,76 @@ class GatewaySetup:
     proxy_port: int
     admin_port: int
     commands: list[str]
+    tls: TlsPair | None = None  # the proxy listener serves HTTPS with this pair
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls is None else "https"
 
 
 def write_gateway_config(
-    directory: Path, store_url: str, bench_upstream: str, stream_upstream: str
+    directory: Path,
+    store_url: str,
+    bench_upstream: str,
+    stream_upstream: str,
+    *,
+    tls: TlsPair | None = None,
+    ws_upstream: str | None = None,
 ) -> GatewaySetup:
-    """gateway.yaml (routes `bench` and `stream`, log_level info) and policies/bench.yaml."""
+    """gateway.yaml (routes `bench` and `stream`, log_level info) and policies/bench.yaml.
+
+    `tls`: the proxy listener in the object form with that pair (the admin listener stays
+    plain HTTP, for the readiness poll). `ws_upstream`: one more route, `ws` (`/ws`,
+    `websocket: true`), and policies/ws.yaml for it.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "policies").mkdir(exist_ok=True)
     (directory / "policies" / "bench.yaml").write_text(POLICY)
     proxy_port, admin_port = free_port(), free_port()
+    if tls is None:
+        proxy = f' "{LOOPBACK}:{proxy_port}"'
+    else:
+        proxy = (
+            f'\n    listen: "{LOOPBACK}:{proxy_port}"'
+            f'\n    tls:\n      cert_file: "{tls.cert}"\n      key_file: "{tls.key}"'
+        )
+    routes = textwrap.dedent(
+        f"""\
+          - name: bench
+            prefix: /bench
+            upstream: "{bench_upstream}"
+          - name: stream
+            prefix: /stream
+            upstream: "{stream_upstream}"
+            timeout: 60
+            max_body: 2147483648
+        """
+    )
+    if ws_upstream is not None:
+        (directory / "policies" / "ws.yaml").write_text(WS_POLICY)
+        routes += textwrap.dedent(
+            f"""\
+              - name: ws
+                prefix: /ws
+                upstream: "{ws_upstream}"
+                websocket: true
+            """
+        )
     config = directory / "gateway.yaml"
     config.write_text(
-        textwrap.dedent(
+        f'listeners:\n  proxy:{proxy}\n  admin: "{LOOPBACK}:{admin_port}"\n'
+        + textwrap.dedent(
             f"""\
-            listeners:
-              proxy: "{LOOPBACK}:{proxy_port}"
-              admin: "{LOOPBACK}:{admin_port}"
             store:
               url: "{store_url}"
             policies: policies/
             log_level: info
             routes:
-              - name: bench
-                prefix: /bench
-                upstream: "{bench_upstream}"
-              - name: stream
-                prefix: /stream
-                upstream: "{stream_upstream}"
-                timeout: 60
-                max_body: 2147483648
             """
         )
+        + textwrap.indent(routes, "  ")
     )
-    return GatewaySetup(directory, config, store_url, "", proxy_port, admin_port, [])
+    return GatewaySetup(directory, config, store_url, "", proxy_port, admin_port, [], tls)
 
 
 def gateway_cli(setup: GatewaySetup, env: dict[str, str], *args: str) -> str:
@@ -285,4 +420,4 @@ def start_gateway(
     """`python -m gateway --config CONFIG serve` pinned to `cpus`; stderr (the JSON log) to a file."""
     proc = procs.start(name, gateway_serve_argv(setup, workers), cpus=cpus, cwd=REPO)
     wait_http_ok(f"http://{LOOPBACK}:{setup.admin_port}/readyz", proc, timeout=60)
-    return Server(proc, setup.proxy_port, name)
+    return Server(proc, setup.proxy_port, name, scheme=setup.scheme)
