@@ -169,8 +169,9 @@ async def measure(
             elapsed_ms = (time.perf_counter_ns() - started) / 1e6
             if (principal is not None) != exists:
                 raise RuntimeError(f"lookup_token: expected {'a principal' if exists else 'None'}")
-            if principal is not None and principal.roles != ("bench-reader", "service-user-project-admin"):
-                raise RuntimeError(f"lookup_token: unexpected roles {principal.roles}")
+            expected = ("bench-reader", "service-user-project-admin")
+            if principal is not None and principal.user_roles != expected:
+                raise RuntimeError(f"lookup_token: unexpected roles {principal.user_roles}")
             times[exists].append(elapsed_ms)
         machine_after, own_after, wall = core_ticks(), time.process_time(), time.monotonic() - wall_before
     finally:
