@@ -198,6 +198,16 @@ def path_name(request: web.Request, key: str, what: str) -> str:
     return value
 
 
+def _key_id(request: web.Request) -> str:
+    value = request.match_info["key"]
+    if KEY_ID.fullmatch(value) is None:
+        raise NotFound("API key not found (not a valid key id)")
+    return value
+
+
+KEY_ID = re.compile(r"key_[0-9A-Za-z]{16}")
+
+
 def token_answer(view: TokenView, secret: str) -> dict[str, object]:
     """A create/reset answer: the token object plus its secret, shown this once."""
     return {**view.to_json(), "token": secret}
@@ -253,6 +263,7 @@ class AdminApi:
     def routes(self) -> list[tuple[str, str, Handler]]:
         """Every /v1 endpoint (README "Admin listener and REST API")."""
         user, token = "/v1/service-users/{name}", "/v1/service-users/{name}/tokens/{token}"
+        key = "/v1/service-users/{name}/keys/{key}"
         return [
             ("GET", "/v1/service-users", self.list_users),
             ("POST", "/v1/service-users", self.create_user),
@@ -264,6 +275,10 @@ class AdminApi:
             ("POST", token + "/reset", self.reset_token),
             ("POST", token + "/expire", self.expire_token),
             ("DELETE", token, self.delete_token),
+            ("GET", user + "/keys", self.list_keys),
+            ("POST", user + "/keys", self.create_key),
+            ("POST", key + "/expire", self.expire_key),
+            ("DELETE", key, self.delete_key),
             ("GET", "/v1/roles", self.list_roles),
             ("GET", "/v1/routes", self.list_routes),
             ("GET", "/v1/audit-events", self.list_audit),
@@ -364,6 +379,41 @@ class AdminApi:
         user = path_name(request, "name", "user")
         token = path_name(request, "token", "token")
         await self._directory.delete_token(user, token, actor=request[PRINCIPAL].user)
+        await self._changed(user, origins=False)
+        return web.Response(status=204)
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        """GET /v1/service-users/{name}/keys"""
+        views = await self._directory.list_keys(path_name(request, "name", "user"))
+        return items([view.to_json() for view in views])
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        """POST /v1/service-users/{name}/keys: 201 with the secret, shown this once."""
+        user = path_name(request, "name", "user")
+        body = Body(await read_object(request), ("description", "expires_at", "roles"))
+        view, secret = await self._directory.create_key(
+            user,
+            actor=request[PRINCIPAL].user,
+            description=body.text("description"),
+            expires_at=body.time("expires_at"),
+            roles=body.strings("roles", nullable=True),
+        )
+        await self._changed(user, origins=False)
+        answer = web.json_response({**view.to_json(), "secret": secret}, status=201)
+        answer.headers["Cache-Control"] = "no-store"
+        return answer
+
+    async def expire_key(self, request: web.Request) -> web.Response:
+        """POST .../keys/{key}/expire: tokens minted from it stop working at once."""
+        user = path_name(request, "name", "user")
+        view = await self._directory.expire_key(user, _key_id(request), actor=request[PRINCIPAL].user)
+        await self._changed(user, origins=False)
+        return web.json_response(view.to_json())
+
+    async def delete_key(self, request: web.Request) -> web.Response:
+        """DELETE .../keys/{key}"""
+        user = path_name(request, "name", "user")
+        await self._directory.delete_key(user, _key_id(request), actor=request[PRINCIPAL].user)
         await self._changed(user, origins=False)
         return web.Response(status=204)
 

@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any
 
 from aiohttp import web
 
 from gateway.admin import AdminContext, build_admin_app
 from gateway.auth import Authenticator, LastUsed, TokenCache
+from gateway.bearer import AccessTokens, Credentials
 from gateway.changefeed import ChangeFeed
 from gateway.config import Config, load_config
 from gateway.cors import OriginIndex
 from gateway.decision import Decider, Settings, build_settings
 from gateway.errors import ConfigError, Refusal, StoreUnavailable
+from gateway.keyring import SIGNING_CHANGE, KeyRing, open_ring, reload_ring
 from gateway.lifecycle import Lifecycle
 from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
 from gateway.logs import flush_access_log, install_redaction
@@ -28,6 +31,7 @@ from gateway.pipeline import Pipeline
 from gateway.proxy import Forwarder
 from gateway.services import Directory
 from gateway.store import Change, Store, open_store
+from gateway.token_endpoint import TokenEndpoint
 from gateway.upstream import UpstreamClient
 from gateway.websocket import Sockets, WebSocketRelay
 
@@ -75,7 +79,16 @@ class Gateway:
         self.connections = ConnectionBudget(limit=config.client.max_connections)
         # The admin listener has its own, so a flood on the proxy never locks operators out.
         self.admin_connections = ConnectionBudget(limit=ADMIN_MAX_CONNECTIONS)
-        decider = Decider(self.authenticator.authenticate, self.origins)
+        # API keys' last use (written by the token endpoint) and the signing keys (open() loads them).
+        self.key_use = LastUsed()
+        self.ring = KeyRing([], config.signing.token_ttl)
+        self._secret = b""
+        self._ring_reload: asyncio.Task[None] | None = None
+        self.access = AccessTokens(
+            self.authenticator, store, lambda: self.ring, lambda: self.pipeline.settings.config.signing
+        )
+        self.credentials = Credentials(self.authenticator, self.access)
+        decider = Decider(self.credentials.authenticate, self.origins)
         forwarder = Forwarder(self.upstreams, self.lifecycle)
         # Open WebSockets are decided again when the feed brings a change, on reload and on expiry.
         self.sockets = Sockets(decider, lambda: self.pipeline.settings, self.feed.trusted, self.metrics)
@@ -84,6 +97,7 @@ class Gateway:
             decider,
             forwarder,
             WebSocketRelay(forwarder, self.sockets),
+            TokenEndpoint(self.authenticator, store, lambda: self.ring, self.key_use),
             self.metrics,
             self.origins,
             self.lifecycle,
@@ -133,6 +147,27 @@ class Gateway:
 
     def _on_changes(self, changes: list[Change]) -> None:
         self._refresh_origins_soon()
+        if any(change.user == SIGNING_CHANGE for change in changes):
+            self._reload_ring_soon()
+
+    def _reload_ring_soon(self) -> None:
+        if self._ring_reload is not None and not self._ring_reload.done():
+            self._ring_reload.add_done_callback(lambda _: self._reload_ring_soon())
+            return
+        self._ring_reload = asyncio.create_task(self._reload_ring())
+
+    async def _reload_ring(self) -> None:
+        """A signing key was rotated or revoked (here or elsewhere): read the ring again."""
+        try:
+            ring = await reload_ring(self.store, self._secret, self.config.signing.token_ttl)
+        except (StoreUnavailable, ConfigError) as error:
+            log.error("could not read the signing keys again; will retry", extra={"error": str(error)})
+            await asyncio.sleep(1.0)
+            self._reload_ring_soon()
+            return
+        self.ring = ring
+        self.access.forget()  # a revoked key's tokens must not stay verified
+        log.info("signing keys reloaded", extra={"keys": [key.kid for key in ring.keys]})
 
     def _refresh_origins_soon(self) -> None:
         # Coalesce: one refresh in flight at a time, plus one more if changes arrived meanwhile.
@@ -156,6 +191,11 @@ class Gateway:
         warn_unverified(config)
         store = await open_store(config.store_url, migrate=True)
         gateway = cls(config, settings, store)
+        try:
+            gateway.ring, gateway._secret = await open_ring(store, config, os.environ)
+        except BaseException:
+            await store.close()
+            raise
         await gateway.feed.poll()
         await gateway.origins.refresh(store)
         gateway._tasks = [
@@ -177,6 +217,7 @@ class Gateway:
     async def _flush_once(self) -> None:
         try:
             await self.last_used.flush(self.store)
+            await self.key_use.flush(self.store, keys=True)
         except StoreUnavailable:
             log.warning("could not record last_used_at (store unreachable); will retry")
 
@@ -211,6 +252,8 @@ class Gateway:
         """Stop background work, flush last use, close upstream connections and the store."""
         if self._origin_refresh is not None:
             self._tasks.append(self._origin_refresh)
+        if self._ring_reload is not None:
+            self._tasks.append(self._ring_reload)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

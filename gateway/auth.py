@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from cachetools import TTLCache
@@ -31,6 +31,7 @@ from gateway.errors import BadRequest, Refusal, StoreUnavailable, Unauthenticate
 from gateway.store import Principal, Store
 
 Clock = Callable[[], float]
+Fetch = Callable[[], Awaitable[Principal | None]]  # one store read of an identity
 
 # One store call may take half the outage grace, within these limits: long enough for a
 # cold connection on a loaded machine (a healthy lookup takes about a millisecond), and
@@ -118,12 +119,12 @@ class LastUsed:
             self._written[token_id] = now
             self._seen[token_id] = datetime.fromtimestamp(now, UTC)
 
-    async def flush(self, store: Store) -> None:
-        """Write what was collected since the last flush."""
+    async def flush(self, store: Store, *, keys: bool = False) -> None:
+        """Write what was collected since the last flush (of API keys, with `keys`)."""
         if not self._seen:
             return
         seen, self._seen = self._seen, {}
-        await store.record_last_used(seen)
+        await store.record_last_used(seen, keys=keys)
 
 
 class Authenticator:
@@ -167,17 +168,14 @@ class Authenticator:
             await asyncio.wait(self._lookups)
 
     async def authenticate(self, authorization: list[str], *, touch: bool = True) -> Principal:
-        """The Principal for the request's Authorization header values (all of them).
+        """The Principal for the request's Authorization header values (all of them): `gw_`
+        tokens only (the admin listener's credential check).
 
         `touch=False` (explain) leaves `last_used_at` alone."""
-        if not authorization:
-            raise Unauthenticated(Refusal.MISSING_TOKEN, "no bearer token: send 'Authorization: Bearer gw_…'")
-        if len(authorization) > 1:
-            raise BadRequest("more than one Authorization header")
-        scheme, _, token = authorization[0].strip().partition(" ")
-        if scheme.lower() != "bearer":
-            raise Unauthenticated(Refusal.INVALID_TOKEN, "the Authorization scheme must be Bearer")
-        token = token.strip()
+        return await self.authenticate_token(bearer_token(authorization), touch=touch)
+
+    async def authenticate_token(self, token: str, *, touch: bool = True) -> Principal:
+        """The Principal of a `gw_` bearer token, or a 401/503 refusal."""
         digest = tokens.digest(token)
         principal = self._cache.get(digest)
         if principal is None and not tokens.is_well_formed(token):
@@ -192,14 +190,24 @@ class Authenticator:
                 raise StoreUnavailable(_UNREACHABLE)
         else:
             self.cache_misses += 1
-            principal = await self._lookup(digest)
+            principal = await self._lookup(digest, lambda: self._store.lookup_token(digest))
         now = self._wall_clock()
         check_state(principal, now)
         if touch:
             self._last_used.touch(principal.token_id, now)
         return principal
 
-    async def _lookup(self, digest: str) -> Principal:
+    async def cached(self, key: str, fetch: Fetch) -> Principal:
+        """The Principal cached under `key`, else the one `fetch()` reads from the store (bounded
+        like token lookups, evicted by the change feed like them); 401 when it finds none."""
+        principal = self._cache.get(key)
+        if principal is None:
+            return await self._lookup(key, fetch)
+        if not self._store_trusted():
+            raise StoreUnavailable(_UNREACHABLE)
+        return principal
+
+    async def _lookup(self, digest: str, fetch: Fetch) -> Principal:
         if not self._store_trusted():
             # The feed has lost the store: a token not held gets 503 at once, not a query that hangs.
             raise StoreUnavailable(_UNREACHABLE)
@@ -210,7 +218,7 @@ class Authenticator:
             task = pending[1]
         else:
             # None under way, or it may have read the store before a change this request must see.
-            task = self._start(digest)
+            task = self._start(digest, fetch)
         # Wait on the task, not inside the store call: a cancelled store call finishes its
         # connection's cleanup before it returns, which on a silent link takes the driver's timeout.
         done, _ = await asyncio.wait((task,), timeout=self.store_timeout)
@@ -221,7 +229,7 @@ class Authenticator:
             raise _unknown_token()
         return found
 
-    def _start(self, digest: str) -> asyncio.Task[Principal | None]:
+    def _start(self, digest: str, fetch: Fetch) -> asyncio.Task[Principal | None]:
         """Start the store lookup of `digest`, or refuse it when every slot and queue place is taken."""
         slot: asyncio.Future[None] | None = None
         if self._running < self.max_lookups:
@@ -233,7 +241,7 @@ class Authenticator:
             raise LookupsBusy(_BUSY)
         # Read before the query: an eviction while it runs makes its answer stale (TokenCache.put).
         generation = self._cache.generation
-        task = asyncio.ensure_future(self._query(digest, generation, slot))
+        task = asyncio.ensure_future(self._query(digest, fetch, generation, slot))
         task.add_done_callback(retrieve_exception)
         self._lookups.add(task)
         task.add_done_callback(self._lookups.discard)
@@ -241,7 +249,7 @@ class Authenticator:
         return task
 
     async def _query(
-        self, digest: str, generation: int, slot: asyncio.Future[None] | None
+        self, digest: str, fetch: Fetch, generation: int, slot: asyncio.Future[None] | None
     ) -> Principal | None:
         deadline = asyncio.get_running_loop().time() + self.store_timeout
         holding = slot is None
@@ -258,7 +266,7 @@ class Authenticator:
                     holding = slot.done() and not slot.cancelled()
             try:
                 async with asyncio.timeout_at(deadline):
-                    found = await self._store.lookup_token(digest)
+                    found = await fetch()
             except TimeoutError:
                 raise StoreUnavailable(_SLOW) from None
         finally:
@@ -284,6 +292,18 @@ class Authenticator:
                 waiter.set_result(None)  # the slot passes to the oldest waiting lookup
                 return
         self._running -= 1
+
+
+def bearer_token(authorization: list[str]) -> str:
+    """The credential of the request's Authorization header values, or a 400/401 refusal."""
+    if not authorization:
+        raise Unauthenticated(Refusal.MISSING_TOKEN, "no bearer token: send 'Authorization: Bearer gw_…'")
+    if len(authorization) > 1:
+        raise BadRequest("more than one Authorization header")
+    scheme, _, token = authorization[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise Unauthenticated(Refusal.INVALID_TOKEN, "the Authorization scheme must be Bearer")
+    return token.strip()
 
 
 def retrieve_exception(task: asyncio.Task[object]) -> None:

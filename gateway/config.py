@@ -68,6 +68,20 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningConfig:
+    """How the gateway signs the JWTs it mints (README "API keys and short-lived tokens")."""
+
+    alg: str = "ES256"  # or EdDSA
+    issuer: str = "gateway"  # the `iss` claim: set it to the gateway's external URL
+    audience: str = "gateway"  # the `aud` claim of access tokens
+    token_ttl: float = 3600.0  # seconds an access token lives (at most 86400)
+    publish_ahead: float = 300.0  # seconds a rotated key is published before it signs
+    # The sealing secret's file when GATEWAY_SECRET_KEY is not set (absolute after load_config);
+    # None: gateway.secret beside the config file.
+    secret_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownConfig:
     """How a stopping process drains (README "Shutdown and drain")."""
 
@@ -128,6 +142,7 @@ class Config:
     client: ClientLimits = field(default_factory=lambda: ClientLimits())
     admin_cors_origins: tuple[str, ...] = ()  # origins allowed to call the admin API from a browser
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
     log_level: str = "info"
 
 
@@ -245,6 +260,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
             "limits",
             "admin",
             "shutdown",
+            "signing",
             "log_level",
         ),
     )
@@ -294,6 +310,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         drain_delay=f.number(node, "drain_delay", "shutdown", _SHUTDOWN.drain_delay, allow_zero=True),
         timeout=f.number(node, "timeout", "shutdown", _SHUTDOWN.timeout, allow_zero=True),
     )
+    signing = _signing(f, f.mapping(root, "signing", "", _SIGNING_KEYS), base)
     log_level = (f.string(root, "log_level", "") or "info").lower()
     if log_level not in LOG_LEVELS:
         f.add(root.line_of("log_level"), "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -342,6 +359,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         client=client,
         admin_cors_origins=admin_origins,
         shutdown=shutdown,
+        signing=signing,
         log_level=log_level,
     )
 
@@ -454,6 +472,31 @@ def _header_names(f: Validator, node: LineDict, key: str, where: str) -> tuple[s
     for name in f.strings(node, key, where, _header_name):
         unique.setdefault(name.lower(), name)
     return tuple(unique.values())
+
+
+_SIGNING_KEYS = ("alg", "issuer", "audience", "token_ttl", "publish_ahead", "secret_key_file")
+_MAX_TOKEN_TTL = 86400.0  # one day, as Webscale's
+
+
+def _signing(f: Validator, node: LineDict, base: Path) -> SigningConfig:
+    defaults = SigningConfig()
+    alg = f.string(node, "alg", "signing") or defaults.alg
+    if alg not in ("ES256", "EdDSA"):
+        f.add(node.line_of("alg"), "signing.alg", f"must be ES256 or EdDSA, not {alg!r}")
+    ttl = f.number(node, "token_ttl", "signing", defaults.token_ttl)
+    if ttl > _MAX_TOKEN_TTL:
+        f.add(node.line_of("token_ttl"), "signing.token_ttl", "must be at most 86400 (one day)")
+    issuer = f.string(node, "issuer", "signing") or defaults.issuer
+    audience = f.string(node, "audience", "signing") or defaults.audience
+    secret = f.string(node, "secret_key_file", "signing")
+    return SigningConfig(
+        alg=alg,
+        issuer=issuer,
+        audience=audience,
+        token_ttl=ttl,
+        publish_ahead=f.number(node, "publish_ahead", "signing", defaults.publish_ahead, allow_zero=True),
+        secret_key_file=None if not secret else Path(os.path.normpath(base / secret)),
+    )
 
 
 def _identity(f: Validator, node: LineDict) -> IdentityConfig:

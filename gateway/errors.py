@@ -19,8 +19,9 @@ GatewayError                      500 internal_error
 ├─ Conflict                       409 conflict
 ├─ StoreUnavailable               503 store_unavailable
 ├─ Overloaded                     503 overloaded             a per-process capacity limit is reached
-└─ UpstreamError                  502 upstream_unavailable
-   └─ UpstreamTimeout             504 upstream_timeout
+├─ UpstreamError                  502 upstream_unavailable
+│  └─ UpstreamTimeout             504 upstream_timeout
+└─ OAuthError                     400/401 the token endpoint's RFC 6749 errors: {"error", "error_description"}
 ```
 
 Each instance carries a *public* message (safe to show a client); internal detail
@@ -233,3 +234,32 @@ def refusal(error: GatewayError, request_id: str) -> web.Response:
     headers = error.headers()
     headers["X-Request-Id"] = request_id
     return web.json_response(body, status=error.status, headers=headers)
+
+
+class OAuthError(GatewayError):
+    """A refusal of the token endpoint, in RFC 6749 section 5.2's shape (not the gateway's).
+
+    `error` is one of the RFC's codes: invalid_request, invalid_client, invalid_grant,
+    unsupported_grant_type, invalid_scope. 401 invalid_client carries a Basic challenge.
+    """
+
+    code = Refusal.BAD_REQUEST
+
+    def __init__(self, error: str, description: str, *, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.status_code = status
+
+    @property
+    def refusal(self) -> Refusal:
+        return Refusal.INVALID_TOKEN if self.error == "invalid_client" else Refusal.BAD_REQUEST
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+        if self.status_code == 401:
+            headers["WWW-Authenticate"] = 'Basic realm="gateway"'
+        return headers
+
+    def body(self) -> dict[str, str]:
+        """The RFC's JSON body."""
+        return {"error": self.error, "error_description": self.message}

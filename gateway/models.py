@@ -8,6 +8,8 @@ Tables:
 - ``service_users``: identities (kind ``service`` or ``admin``).
 - ``role_assignments`` / ``allowed_origins``: per-user sets, deleted with the user.
 - ``tokens``: credentials; only the SHA-256 ``digest`` of a secret is ever stored.
+- ``api_keys``: key id + secret pairs exchanged for short-lived JWTs (digest only, as tokens).
+- ``signing_keys``: the gateway's JWT signing keys; the private half only sealed (AEAD).
 - ``audit_events``: who changed what (never a secret).
 - ``changes``: the change feed other processes poll to invalidate their identity cache.
 """
@@ -26,6 +28,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -36,11 +39,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "AllowedOrigin",
+    "ApiKey",
     "AuditEvent",
     "Base",
     "Change",
     "RoleAssignment",
     "ServiceUser",
+    "SigningKey",
     "Token",
     "UTCDateTime",
 ]
@@ -157,6 +162,46 @@ class Token(Base):
         # The default repr would be fine, but spell it out so the digest never shows up
         # in a debugger dump or log line next to a token id.
         return f"Token(id={self.id!r}, name={self.name!r}, user_id={self.user_id!r})"
+
+
+class ApiKey(Base):
+    """An API key of one user: a public id and a secret (only its digest stored), exchanged at
+    the token endpoint for short-lived JWTs. ``roles`` as for tokens (NULL: the user's)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index(None, "digest", unique=True), Index(None, "user_id"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("service_users.id", ondelete="CASCADE"))
+    description: Mapped[str | None] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    roles: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(255))
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"ApiKey(id={self.id!r}, user_id={self.user_id!r})"
+
+
+class SigningKey(Base):
+    """One JWT signing key. ``sealed`` is the private half encrypted with a secret that is
+    never in the store; ``signs_from`` is when it starts signing (it is published before)."""
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    public_pem: Mapped[str] = mapped_column(Text)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    signs_from: Mapped[datetime] = mapped_column(UTCDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a newer key took over
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # compromised: never trusted
+
+    def __repr__(self) -> str:
+        return f"SigningKey(kid={self.kid!r}, alg={self.alg!r})"
 
 
 class AuditEvent(Base):

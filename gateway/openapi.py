@@ -21,7 +21,18 @@ REF: Final = "#/components/schemas/"
 # Refusal's codes (the proxy's ones never occur here but keep one closed list) and aiohttp's 405.
 ERROR_CODES: Final = [code.value for code in Refusal]
 _KINDS: Final = ("user.created", "user.updated", "user.deleted")
-ACTIONS: Final = [*_KINDS, "token.created", "token.reset", "token.expired", "token.deleted"]
+ACTIONS: Final = [
+    *_KINDS,
+    "token.created",
+    "token.reset",
+    "token.expired",
+    "token.deleted",
+    "key.created",
+    "key.expired",
+    "key.deleted",
+    "signing_key.rotated",
+    "signing_key.revoked",
+]
 
 
 def _ref(name: str) -> JSONObject:
@@ -68,6 +79,12 @@ _TOKEN_FIELDS: Final[dict[str, JSONObject]] = {
     "last_used_at": _nullable(_TIME),
 }
 
+_KEY_ID: Final = "^key_[0-9A-Za-z]{16}$"
+_KEY_FIELDS: Final[dict[str, JSONObject]] = {
+    **{name: schema for name, schema in _TOKEN_FIELDS.items() if name != "name"},
+    "id": {"type": "string", "pattern": _KEY_ID, "description": "the client_id of the token exchange"},
+}
+
 SCHEMAS: Final[dict[str, JSONObject]] = {
     "Error": {
         **_object(
@@ -100,6 +117,10 @@ SCHEMAS: Final[dict[str, JSONObject]] = {
     "Token": _object(_TOKEN_FIELDS),
     "IssuedToken": _object(
         {**_TOKEN_FIELDS, "token": {"type": "string", "pattern": "^gw_", "description": "shown this once"}}
+    ),
+    "ApiKey": _object(_KEY_FIELDS),
+    "IssuedKey": _object(
+        {**_KEY_FIELDS, "secret": {"type": "string", "pattern": "^gwk_", "description": "shown this once"}}
     ),
     "AuditEvent": _object(
         {
@@ -172,7 +193,7 @@ SCHEMAS["Trace"] = {
         ),
     },
 }
-for _item in ("User", "Token", "AuditEvent", "Role", "Route"):
+for _item in ("User", "Token", "ApiKey", "AuditEvent", "Role", "Route"):
     SCHEMAS[_item + "List"] = _object({"items": {"type": "array", "items": _ref(_item)}})
 
 
@@ -230,6 +251,16 @@ def _bodies(role: JSONObject) -> dict[str, JSONObject]:
                 ),
             },
             required=["name"],
+        ),
+        "NewKey": _object(
+            {
+                "description": _nullable(_TEXT),
+                "expires_at": _nullable({"type": "string", "description": "ISO 8601 date or date-time"}),
+                "roles": _nullable(
+                    {**roles, "description": "null: the key's tokens carry the user's roles; else this list"}
+                ),
+            },
+            required=[],
         ),
     }
 
@@ -418,6 +449,51 @@ def _token_paths() -> dict[str, JSONObject]:
     }
 
 
+_KEY: Final = _parameter("key", "path", {"type": "string", "pattern": _KEY_ID}, "the API key's id")
+
+
+def _key_paths() -> dict[str, JSONObject]:
+    keys, key = "/v1/service-users/{name}/keys", "/v1/service-users/{name}/keys/{key}"
+    issued = _json(_ref("IssuedKey"), "the key and its secret (shown this once)")
+    issued["links"] = _links(
+        {"name": "$response.body#/user", "key": "$response.body#/id"}, "expireKey", "deleteKey"
+    )
+    both = [_USER, _KEY]
+    return {
+        keys: {
+            "get": _operation(
+                "listKeys",
+                "List a user's API keys (oldest first; never a secret)",
+                ("200", _json(_ref("ApiKeyList"), "the keys")),
+                "404",
+                parameters=[_USER],
+            ),
+            "post": _operation(
+                "createKey",
+                "Create an API key (exchanged at POST /.gateway/token); the answer holds its secret once",
+                ("201", issued),
+                "404",
+                parameters=[_USER],
+                body="NewKey",
+            ),
+        },
+        key + "/expire": {
+            "post": _operation(
+                "expireKey",
+                "Expire the key now: tokens minted from it stop working at once",
+                ("200", _json(_ref("ApiKey"), "the key")),
+                "404",
+                parameters=both,
+            )
+        },
+        key: {
+            "delete": _operation(
+                "deleteKey", "Delete an API key", ("204", _NO_CONTENT), "404", parameters=both
+            ),
+        },
+    }
+
+
 def _other_paths() -> dict[str, JSONObject]:
     text = _TEXT_QUERY
     limit: JSONObject = {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_LIMIT, "default": 100}
@@ -493,7 +569,7 @@ def openapi_document(role_names: Iterable[str] = ()) -> JSONObject:
             "Every /v1 call needs `Authorization: Bearer <admin token>`.",
         },
         "security": [{"bearerAuth": []}],
-        "paths": {**_user_paths(), **_token_paths(), **_other_paths()},
+        "paths": {**_user_paths(), **_token_paths(), **_key_paths(), **_other_paths()},
         "components": {
             "schemas": {**SCHEMAS, **_bodies(role)},
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},

@@ -31,6 +31,7 @@ from gateway.logs import write_access
 from gateway.metrics import Metrics
 from gateway.paths import split_target
 from gateway.proxy import Forwarder, Outcome, refuse_oversized, refuse_transfer_codings
+from gateway.token_endpoint import JWKS_PATH, TOKEN_PATH, TokenEndpoint
 from gateway.websocket import WebSocketRelay
 
 log = logging.getLogger("gateway.pipeline")
@@ -49,6 +50,7 @@ class Pipeline:
         decider: Decider,
         forwarder: Forwarder,
         websockets: WebSocketRelay,
+        token_endpoint: TokenEndpoint,
         metrics: Metrics,
         origins: OriginIndex,
         lifecycle: Lifecycle,
@@ -58,6 +60,7 @@ class Pipeline:
         self.decider = decider
         self._forwarder = forwarder
         self._websockets = websockets
+        self._tokens = token_endpoint
         self._metrics = metrics
         # labels() is a lock and a dict walk; the children are looked up once per (route, status).
         self._request_counters: dict[tuple[str | None, int], Counter] = {}
@@ -71,7 +74,7 @@ class Pipeline:
         request_id = request_id_from(request.headers)
         raw_path, query = split_target(request.raw_path)
         if raw_path.startswith(("/.", "/%")) and is_gateway_path(raw_path):
-            return await self._gateway_endpoint(request, settings, raw_path, started, request_id)
+            return await self._gateway_endpoint(request, settings, raw_path, query, started, request_id)
         outcome = Outcome()
         headers = request.headers
         decision: Decision | None = None
@@ -182,9 +185,31 @@ class Pipeline:
         return response
 
     async def _gateway_endpoint(
-        self, request: web.BaseRequest, settings: Settings, raw_path: str, started: float, request_id: str
+        self,
+        request: web.BaseRequest,
+        settings: Settings,
+        raw_path: str,
+        query: str,
+        started: float,
+        request_id: str,
     ) -> web.StreamResponse:
         """A path under /.gateway/: the gateway's own endpoints (never forwarded, never CORS)."""
+        if raw_path in (TOKEN_PATH, JWKS_PATH):
+            if raw_path == TOKEN_PATH:
+                # The query string is refused, and never logged: it may hold a secret.
+                issued = await self._tokens.exchange(request, settings, query, request_id)
+            else:
+                issued = self._tokens.jwks(request, settings)
+            response = issued.response
+            response.headers["X-Request-Id"] = request_id
+            if request.body_exists and not request.content.is_eof():
+                response.force_close()
+            extra: dict[str, object] | None = None
+            if issued.user is not None:
+                extra = {"user": issued.user, "token_id": issued.key_id}
+            status, error = response.status, issued.error
+            self._record(request, started, raw_path, request_id, None, status, error, Outcome(), extra=extra)
+            return response
         answer = await self._forward_auth.answer(request, settings, raw_path, request_id)
         if request.body_exists and not request.content.is_eof():
             answer.response.force_close()  # the body of a decision request is never read

@@ -40,6 +40,7 @@ from gateway.app import ADMIN_MAX_CONNECTIONS, Gateway, build_admin_runner, buil
 from gateway.config import Address, Config, ShutdownConfig, load_config
 from gateway.decision import build_settings
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.keyring import open_ring
 from gateway.listener import GuardedConnection
 from gateway.listener_tls import reload_pair, server_context
 from gateway.logs import configure as configure_logging
@@ -289,9 +290,13 @@ def _bind_proxies(address: Address, workers: int) -> list[socket.socket]:
 
 
 async def _prepare_store(config: Config) -> None:
-    # Migrate once in the parent, so N workers do not queue on the migration lock.
+    # Migrate (and make the first signing key) once in the parent, so N workers do not queue
+    # on the migration lock or race for the first key.
     store = await open_store(config.store_url, migrate=True)
-    await store.close()
+    try:
+        await open_ring(store, config, os.environ)
+    finally:
+        await store.close()
 
 
 class Supervisor:

@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import StaticPool
 
 from gateway.errors import ConfigError, Conflict, StoreUnavailable
-from gateway.models import AllowedOrigin, RoleAssignment, ServiceUser, Token
+from gateway.models import AllowedOrigin, ApiKey, RoleAssignment, ServiceUser, Token
 from gateway.models import Change as ChangeRow
 
 __all__ = ["Change", "Principal", "Store", "migrate", "open_store", "translate_errors"]
@@ -125,6 +125,8 @@ class Store:
         if self.dialect == "postgresql":
             self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._lookup = _lookup_statement(self.dialect)
+        self._key_by_digest = _key_statement(self.dialect, ApiKey.digest)
+        self._key_by_id = _key_statement(self.dialect, ApiKey.id)
         # Same pool; on SQLite its transactions take the write lock up front (_sqlite_setup).
         self.write_sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             engine.execution_options(**{_IMMEDIATE: True}), expire_on_commit=False
@@ -141,37 +143,38 @@ class Store:
         """
         async with translate_errors(), self._reader.connect() as connection:
             found = (await connection.execute(self._lookup, {"digest": digest})).one_or_none()
-        if found is None:
-            return None
-        token_id, token_name, expires_at, fixed, user, kind, disabled, roles, origins = found
-        return Principal(
-            user=user,
-            kind=kind,
-            disabled=disabled,
-            token_id=token_id,
-            token_name=token_name,
-            expires_at=expires_at,
-            user_roles=tuple(sorted(set(roles or ()))),
-            token_roles=None if fixed is None else tuple(sorted(set(fixed))),
-            origins=frozenset(origins or ()),
-        )
+        return None if found is None else _principal(*found)
+
+    async def lookup_key(self, digest: str) -> Principal | None:
+        """The Principal of the API key whose secret hashes to `digest` (`token_id` is the key id)."""
+        async with translate_errors(), self._reader.connect() as connection:
+            found = (await connection.execute(self._key_by_digest, {"value": digest})).one_or_none()
+        return None if found is None else _principal(*found)
+
+    async def key_principal(self, key_id: str) -> Principal | None:
+        """The Principal of API key `key_id` as the store has it now (the JWT path's revocation state)."""
+        async with translate_errors(), self._reader.connect() as connection:
+            found = (await connection.execute(self._key_by_id, {"value": key_id})).one_or_none()
+        return None if found is None else _principal(*found)
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers a trivial query."""
         async with translate_errors(), self.engine.connect() as connection:
             await connection.execute(select(literal(1)))
 
-    async def record_last_used(self, seen: Mapping[str, datetime]) -> None:
-        """Write `last_used_at` for many tokens in one batch; never moves a time backwards.
+    async def record_last_used(self, seen: Mapping[str, datetime], *, keys: bool = False) -> None:
+        """Write `last_used_at` for many tokens (API keys with `keys`) in one batch; never moves
+        a time backwards.
 
         Not a change: the feed is for authentication state, and this runs constantly.
         """
         if not seen:
             return
+        model: type[Token] | type[ApiKey] = ApiKey if keys else Token
         statement = (
-            update(Token)
-            .where(Token.id == bindparam("b_id"))
-            .where(or_(Token.last_used_at.is_(None), Token.last_used_at < bindparam("b_at")))
+            update(model)
+            .where(model.id == bindparam("b_id"))
+            .where(or_(model.last_used_at.is_(None), model.last_used_at < bindparam("b_at")))
             .values(last_used_at=bindparam("b_at"))
         )
         params = [{"b_id": token_id, "b_at": at} for token_id, at in sorted(seen.items())]
@@ -222,8 +225,32 @@ class Store:
         await self.engine.dispose()
 
 
-def _lookup_statement(dialect: str) -> Select[Any]:
-    """token ⋈ user by digest, with the user's roles and origins as JSON arrays."""
+def _principal(
+    credential_id: str,
+    name: str,
+    expires_at: datetime | None,
+    fixed: list[str] | None,
+    user: str,
+    kind: str,
+    disabled: bool,
+    roles: list[str] | None,
+    origins: list[str] | None,
+) -> Principal:
+    return Principal(
+        user=user,
+        kind=kind,
+        disabled=disabled,
+        token_id=credential_id,
+        token_name=name,
+        expires_at=expires_at,
+        user_roles=tuple(sorted(set(roles or ()))),
+        token_roles=None if fixed is None else tuple(sorted(set(fixed))),
+        origins=frozenset(origins or ()),
+    )
+
+
+def _user_aggregates(dialect: str) -> tuple[Any, Any]:
+    """The user's roles and origins as JSON arrays (correlated subqueries on their primary keys)."""
     aggregate = func.json_group_array if dialect == "sqlite" else func.json_agg
     roles = (
         select(aggregate(RoleAssignment.role, type_=JSON))
@@ -235,6 +262,32 @@ def _lookup_statement(dialect: str) -> Select[Any]:
         .where(AllowedOrigin.user_id == ServiceUser.id)
         .scalar_subquery()
     )
+    return roles, origins
+
+
+def _key_statement(dialect: str, column: Any) -> Select[Any]:
+    """api key ⋈ user by `column` (digest or id), in the token lookup's shape."""
+    roles, origins = _user_aggregates(dialect)
+    return (
+        select(
+            ApiKey.id,
+            ApiKey.id.label("name"),  # a key has no name: its id names it in messages
+            ApiKey.expires_at,
+            ApiKey.roles,
+            ServiceUser.name,
+            ServiceUser.kind,
+            ServiceUser.disabled,
+            roles,
+            origins,
+        )
+        .join(ServiceUser, ServiceUser.id == ApiKey.user_id)
+        .where(column == bindparam("value"))
+    )
+
+
+def _lookup_statement(dialect: str) -> Select[Any]:
+    """token ⋈ user by digest, with the user's roles and origins as JSON arrays."""
+    roles, origins = _user_aggregates(dialect)
     return (
         select(
             Token.id,

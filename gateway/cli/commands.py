@@ -15,6 +15,7 @@ from gateway.cli.output import (
     TimeType,
     audit_table,
     emit_json,
+    keys_table,
     names,
     print_secret,
     role_list,
@@ -25,7 +26,7 @@ from gateway.cli.output import (
 )
 from gateway.cli.session import Session, actor, fail
 from gateway.errors import GatewayError, Invalid
-from gateway.services import UNSET, AuditView, Directory, TokenView, Unset, UserView
+from gateway.services import UNSET, AuditView, Directory, KeyView, TokenView, Unset, UserView
 
 DEFAULT_CONFIG = "gateway.yaml"
 FORMAT = click.option(
@@ -36,6 +37,7 @@ FORMAT = click.option(
     show_default=True,
     help="table for people; json for programs (the admin API's objects)",
 )
+KEY_NOTE = "Note: Save the key secret in a secure location as it will not be shown again"
 TOKEN_USER = click.option("--user", "user", required=True, metavar="NAME", help="the service user")
 
 pass_session = click.make_pass_decorator(Session)
@@ -378,6 +380,84 @@ def token_delete(session: Session, token_name: str, user: str) -> None:
     """Delete a token; it stops working at once."""
     session.run(lambda d: d.delete_token(user, token_name, actor=actor()))
     click.echo(f"Token deleted: {token_name} for user: {user}")
+
+
+# -- API keys ------------------------------------------------------------------------
+
+
+@cli.group()
+def key() -> None:
+    """API keys: exchanged at POST /.gateway/token for short-lived JWTs."""
+
+
+@key.command("create")
+@TOKEN_USER
+@click.option("--description", help="what the key is for")
+@click.option("--expires-at", type=TimeType(), help="ISO 8601 date or date-time (UTC unless a zone is given)")
+@click.option("--roles", help="comma-separated roles the key's tokens carry (default: the user's)")
+@pass_session
+def key_create(
+    session: Session, user: str, description: str | None, expires_at: datetime | None, roles: str | None
+) -> None:
+    """Create an API key and print its secret once."""
+    view, secret = session.run(
+        lambda d: d.create_key(
+            user,
+            actor=actor(),
+            description=description,
+            expires_at=expires_at,
+            roles=None if roles is None else names([roles]),
+        )
+    )
+    click.echo(KEY_NOTE)
+    click.echo(f"Key ID: {view.id}")
+    click.echo(f"Key secret: {secret}")
+    click.echo(f"Created for user: {user}")
+    if view.roles is not None:
+        click.echo(f"Roles: {role_list(view.roles)}")
+    if view.expires_at is not None:
+        click.echo(f"Expires at: {when(view.expires_at)}")
+
+
+@key.command("list")
+@TOKEN_USER
+@FORMAT
+@pass_session
+def key_list(session: Session, user: str, output: str) -> None:
+    """List a user's API keys (never their secrets)."""
+    found = session.run(lambda d: d.list_keys(user))
+    if output == "json":
+        emit_json({"items": [k.to_json() for k in found]})
+    else:
+        click.echo(keys_table(found))
+
+
+@key.command("expire")
+@click.argument("key_id")
+@pass_session
+def key_expire(session: Session, key_id: str) -> None:
+    """Expire a key now: tokens minted from it stop working at once."""
+
+    async def work(directory: Directory) -> KeyView:
+        return await directory.expire_key(await directory.key_owner(key_id), key_id, actor=actor())
+
+    view = session.run(work)
+    click.echo(f"Key expired: {view.id} of user: {view.user} (expired on {when(view.expires_at)})")
+
+
+@key.command("delete")
+@click.argument("key_id")
+@pass_session
+def key_delete(session: Session, key_id: str) -> None:
+    """Delete a key: it and every token minted from it stop working at once."""
+
+    async def work(directory: Directory) -> str:
+        owner = await directory.key_owner(key_id)
+        await directory.delete_key(owner, key_id, actor=actor())
+        return owner
+
+    owner = session.run(work)
+    click.echo(f"Key deleted: {key_id} of user: {owner}")
 
 
 # -- audit ---------------------------------------------------------------------------

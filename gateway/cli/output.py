@@ -11,7 +11,7 @@ from datetime import datetime
 
 import click
 
-from gateway.services import AuditView, TokenView, UserView
+from gateway.services import AuditView, KeyView, TokenView, UserView
 from gateway.timeparse import format_time, parse_time
 
 # Wording of the OSMO CLI (seed 004), which operators may already grep for.
@@ -120,6 +120,26 @@ def tokens_table(tokens: Sequence[TokenView]) -> str:
                 t.description or "",
             ]
             for t in tokens
+        ],
+    )
+
+
+def keys_table(keys: Sequence[KeyView]) -> str:
+    """API keys, one per row (never a secret: views have none)."""
+    return table(
+        ["ID", "ROLES", "EXPIRES AT", "STATUS", "LAST USED", "CREATED AT", "CREATED BY", "DESCRIPTION"],
+        [
+            [
+                k.id,
+                "(user's roles)" if k.roles is None else ",".join(k.roles) or "(none)",
+                when(k.expires_at),
+                "expired" if k.is_expired() else "active",
+                when(k.last_used_at),
+                format_time(k.created_at),
+                k.created_by,
+                k.description or "",
+            ]
+            for k in keys
         ],
     )
 

@@ -25,9 +25,10 @@ from sqlalchemy import select
 from gateway.errors import Invalid
 from gateway.models import AuditEvent
 from gateway.services.base import DEFAULT_ROLE, NAME_PATTERN, RoleGraph, validate_name
+from gateway.services.keys import KeyOperations
 from gateway.services.tokens import TokenOperations
 from gateway.services.users import UserOperations
-from gateway.services.views import UNSET, AuditView, RoleView, TokenView, Unset, UserView
+from gateway.services.views import UNSET, AuditView, KeyView, RoleView, TokenView, Unset, UserView
 from gateway.timeparse import to_utc
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "UNSET",
     "AuditView",
     "Directory",
+    "KeyView",
     "RoleGraph",
     "RoleView",
     "TokenView",
@@ -48,7 +50,7 @@ __all__ = [
 MAX_AUDIT_LIMIT: Final = 1000
 
 
-class Directory(UserOperations, TokenOperations):
+class Directory(UserOperations, TokenOperations, KeyOperations):
     """Service users, their roles, origins and tokens, with audit events and the change feed.
 
     `Directory(store, policies)`: `policies()` returns the live roles as a `RoleGraph` (the

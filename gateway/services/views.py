@@ -116,6 +116,39 @@ class TokenView:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyView:
+    """An API key as the admin API shows it; there is no field for the secret."""
+
+    id: str
+    user: str
+    description: str | None
+    roles: tuple[str, ...] | None
+    """None: the key follows the user's roles; else its fixed (sorted) roles."""
+    expires_at: datetime | None
+    created_at: datetime
+    created_by: str
+    last_used_at: datetime | None
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """True once `now` (default: the current time) has reached `expires_at`."""
+        return self.expires_at is not None and (now or utcnow()) >= self.expires_at
+
+    def to_json(self, now: datetime | None = None) -> dict[str, object]:
+        """The admin API's key object (absent values are null)."""
+        return {
+            "id": self.id,
+            "user": self.user,
+            "description": self.description,
+            "roles": None if self.roles is None else list(self.roles),
+            "expires_at": _time(self.expires_at),
+            "expired": self.is_expired(now),
+            "created_at": _time(self.created_at),
+            "created_by": self.created_by,
+            "last_used_at": _time(self.last_used_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class AuditView:
     """One audit event; `detail` is JSON and never holds a secret."""
 
