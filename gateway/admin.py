@@ -11,8 +11,8 @@ over 64 KiB is 413 `body_too_large`; a wrong method is 405 `method_not_allowed` 
 One middleware owns the outside of the listener: every /v1 request needs an admin
 identity's bearer token (401 realm "gateway-admin", 403 for a service user's token), and
 every error, unknown path (404) and wrong method (405) included, is the JSON refusal
-`{"error", "detail"}` with an `X-Request-Id` header. /healthz, /readyz, /metrics and
-/openapi.json need no token.
+`{"error", "detail"}` with an `X-Request-Id` header. /healthz, /readyz, /metrics,
+/jwks.json and /openapi.json need no token.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp_cors
 from aiohttp import hdrs, web
@@ -72,6 +72,7 @@ class AdminContext:
     origins: OriginIndex  # origins some active user allows (explain's origin step)
     changed: ChangeHook  # apply a change to user NAME on this instance before answering
     lifecycle: Lifecycle  # draining: /readyz is 503 so load balancers stop sending
+    jwks: Callable[[], dict[str, Any]]  # the public signing keys (README "API keys and short-lived tokens")
 
 
 CONTEXT = web.AppKey("context", AdminContext)
@@ -157,6 +158,13 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def jwks(request: web.Request) -> web.Response:
+    """The public keys that verify the gateway's JWTs (no token needed: they are public)."""
+    context = request.app[CONTEXT]
+    age = int(context.settings().config.signing.publish_ahead)
+    return web.json_response(context.jwks(), headers={"Cache-Control": f"public, max-age={age}"})
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 while this instance can serve (its change feed and a ping read the store),
     503 from the shutdown signal on.
@@ -210,6 +218,7 @@ def build_admin_app(context: AdminContext) -> web.Application:
     app[CONTEXT] = context
     app.on_response_prepare.append(_close_while_draining)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/jwks.json", jwks)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

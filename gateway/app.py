@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 from aiohttp import web
 
 from gateway.admin import AdminContext, build_admin_app
+from gateway.assertion import Assertions
 from gateway.auth import Authenticator, LastUsed, TokenCache
 from gateway.bearer import AccessTokens, Credentials
 from gateway.changefeed import ChangeFeed
@@ -98,6 +100,7 @@ class Gateway:
             forwarder,
             WebSocketRelay(forwarder, self.sockets),
             TokenEndpoint(self.authenticator, store, lambda: self.ring, self.key_use),
+            Assertions(lambda: self.ring),
             self.metrics,
             self.origins,
             self.lifecycle,
@@ -122,6 +125,7 @@ class Gateway:
             origins=self.origins,
             changed=self.changed,
             lifecycle=self.lifecycle,
+            jwks=lambda: self.ring.jwks(time.time()),
         )
 
     async def changed(self, user: str, *, origins: bool = True) -> None:

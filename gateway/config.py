@@ -64,6 +64,7 @@ class RouteConfig:
     cors: CorsConfig | None = None  # None: CORS is left to the upstream
     tls: UpstreamTls | None = None  # how to talk TLS to an https upstream (None: the defaults)
     websocket: bool = False  # WebSocket handshakes are authorised and relayed (README "WebSocket")
+    assertion: bool = False  # forwarded requests carry a signed identity assertion (a JWT)
     source: str = ""  # "file:line" of the route, for messages
 
 
@@ -96,6 +97,7 @@ class IdentityConfig:
     user_header: str = "X-Service-User"
     roles_header: str = "X-Service-User-Roles"
     token_id_header: str = "X-Service-Token-Id"  # noqa: S105 -- a header name, not a secret
+    assertion_header: str = "X-Service-User-Assertion"  # the signed assertion (routes with `assertion`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +369,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
 _CACHE = CacheConfig()
 _CLIENT = ClientLimits()
 _SHUTDOWN = ShutdownConfig()
-_IDENTITY_KEYS = ("user_header", "roles_header", "token_id_header")
+_IDENTITY_KEYS = ("user_header", "roles_header", "token_id_header", "assertion_header")
 _LISTEN_DEFAULTS: dict[str, Address] = {"proxy": ("127.0.0.1", 8080), "admin": ("127.0.0.1", 8081)}
 # Headers the gateway manages itself: an identity header with one of these names
 # would either be dropped as hop-by-hop or collide with what the proxy sets.
@@ -532,6 +534,7 @@ _ROUTE_KEYS = (
     "cors",
     "tls",
     "websocket",
+    "assertion",
 )
 _TLS_KEYS = ("ca_file", "cert_file", "key_file", "server_name", "verify")
 
@@ -587,6 +590,7 @@ def _routes(f: Validator, root: LineDict, base: Path) -> tuple[RouteConfig, ...]
                 else None,
                 tls=_tls(f, item, where, upstream, base) if "tls" in item else None,
                 websocket=f.boolean(item, "websocket", where, False),
+                assertion=f.boolean(item, "assertion", where, False),
                 source=f"{f.file}:{line}",
             )
         )

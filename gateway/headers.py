@@ -68,7 +68,9 @@ _SPELLING_SENSITIVE = frozenset(
 # As nginx does, the upstream's `Server` (its software and version) is not passed on: the
 # client gets the gateway's own, which names no version (README "Headers the client receives").
 _RESPONSE_DROP = _HOP_BY_HOP | {"server"}
-_DEFAULT_IDENTITY = frozenset({"x-service-user", "x-service-user-roles", "x-service-token-id"})
+_DEFAULT_IDENTITY = frozenset(
+    {"x-service-user", "x-service-user-roles", "x-service-token-id", "x-service-user-assertion"}
+)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _FOLD = str.maketrans("_.", "--")
 _SUBPROTOCOL = frozenset({"sec-websocket-protocol"})
@@ -114,6 +116,7 @@ class HeaderPolicy:
             fold(identity.user_header),
             fold(identity.roles_header),
             fold(identity.token_id_header),
+            fold(identity.assertion_header),
         }
         self._identity = frozenset(identity_names | _DEFAULT_IDENTITY)
         # Names the gateway always drops from the client's request before setting its own.

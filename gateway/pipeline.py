@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import Counter
 
+from gateway.assertion import Assertions
 from gateway.cors import OriginIndex
 from gateway.decision import Decider, Decision, Settings, is_gateway_path, printable
 from gateway.errors import GatewayError, OriginNotAllowed, Refusal, refusal
@@ -51,6 +52,7 @@ class Pipeline:
         forwarder: Forwarder,
         websockets: WebSocketRelay,
         token_endpoint: TokenEndpoint,
+        assertions: Assertions,
         metrics: Metrics,
         origins: OriginIndex,
         lifecycle: Lifecycle,
@@ -61,6 +63,7 @@ class Pipeline:
         self._forwarder = forwarder
         self._websockets = websockets
         self._tokens = token_endpoint
+        self._assertions = assertions
         self._metrics = metrics
         # labels() is a lock and a dict walk; the children are looked up once per (route, status).
         self._request_counters: dict[tuple[str | None, int], Counter] = {}
@@ -100,6 +103,10 @@ class Pipeline:
                 request_id=request_id,
                 identity=decision.identity(),
             )
+            if config.assertion and decision.principal is not None:
+                upstream_headers[settings.headers.identity.assertion_header] = self._assertions.sign(
+                    settings, decision, decision.upstream_path(), request_id
+                )
             if decision.websocket:
                 return await self._websocket(
                     request, settings, decision, upstream_headers, query, started, request_id, outcome

@@ -5,6 +5,7 @@ Imports: cli.session, cli.output, services, policy and app (lazily).
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime
 from typing import TextIO
@@ -19,6 +20,7 @@ from gateway.cli.output import (
     names,
     print_secret,
     role_list,
+    table,
     tokens_table,
     user_details,
     users_table,
@@ -27,6 +29,7 @@ from gateway.cli.output import (
 from gateway.cli.session import Session, actor, fail
 from gateway.errors import GatewayError, Invalid
 from gateway.services import UNSET, AuditView, Directory, KeyView, TokenView, Unset, UserView
+from gateway.timeparse import format_time
 
 DEFAULT_CONFIG = "gateway.yaml"
 FORMAT = click.option(
@@ -458,6 +461,70 @@ def key_delete(session: Session, key_id: str) -> None:
 
     owner = session.run(work)
     click.echo(f"Key deleted: {key_id} of user: {owner}")
+
+
+# -- signing keys --------------------------------------------------------------------
+
+
+@cli.group("signing-key")
+def signing_key() -> None:
+    """The keys that sign access tokens and assertions (their private halves never leave the store)."""
+
+
+@signing_key.command("list")
+@FORMAT
+@pass_session
+def signing_key_list(session: Session, output: str) -> None:
+    """List the signing keys and their state (signing, published, retired, expired, revoked)."""
+    from gateway.keyring import key_state, list_keys
+
+    ttl = session.config().signing.token_ttl
+    found = session.run_store(list_keys)
+    rows = [
+        {
+            "kid": key.kid,
+            "alg": key.alg,
+            "state": key_state(key, ttl),
+            "created_at": format_time(key.created_at),
+            "signs_from": format_time(key.signs_from),
+            "retired_at": None if key.retired_at is None else format_time(key.retired_at),
+            "revoked_at": None if key.revoked_at is None else format_time(key.revoked_at),
+        }
+        for key in found
+    ]
+    if output == "json":
+        emit_json({"items": rows})
+        return
+    columns = ["kid", "alg", "state", "created_at", "signs_from", "retired_at", "revoked_at"]
+    headers = [column.upper().replace("_", " ") for column in columns]
+    click.echo(table(headers, [[str(row[column] or "-") for column in columns] for row in rows]))
+
+
+@signing_key.command("rotate")
+@click.option("--now", "now_too", is_flag=True, help="sign with it at once (skip signing.publish_ahead)")
+@pass_session
+def signing_key_rotate(session: Session, now_too: bool) -> None:
+    """Publish a new signing key; it signs after signing.publish_ahead (or at once with --now)."""
+    from gateway.keyring import load_secret, rotate
+
+    config = session.config()
+    try:
+        secret = load_secret(config, os.environ, may_create=False)
+    except GatewayError as exc:
+        fail(exc)
+    added = session.run_store(lambda store: rotate(store, config, secret, now_too=now_too, actor=actor()))
+    click.echo(f"Signing key added: {added.kid} ({added.alg}); it signs from {format_time(added.signs_from)}")
+
+
+@signing_key.command("revoke")
+@click.argument("kid")
+@pass_session
+def signing_key_revoke(session: Session, kid: str) -> None:
+    """Revoke a compromised key: it leaves the JWKS and its tokens are refused at once everywhere."""
+    from gateway.keyring import revoke
+
+    revoked = session.run_store(lambda store: revoke(store, kid, actor=actor()))
+    click.echo(f"Signing key revoked: {revoked.kid}")
 
 
 # -- audit ---------------------------------------------------------------------------
