@@ -22,6 +22,9 @@ RUN pip install --no-compile ".[fast]" \
 
 COPY gateway.yaml /etc/gateway/gateway.yaml
 COPY policies /etc/gateway/policies
+# gateway.secret (the signing keys' sealing secret) is created beside gateway.yaml when
+# GATEWAY_SECRET_KEY is not set: the folder must be writable by the gateway user.
+RUN chown 10001 /etc/gateway
 
 USER 10001
 WORKDIR /var/lib/gateway
