@@ -537,15 +537,24 @@ def _other_paths() -> dict[str, JSONObject]:
         "/healthz": {"get": _open("Liveness", _json(_object({"status": text}), "alive"))},
         "/readyz": {
             "get": _open(
-                "Readiness: the store answers",
+                "Readiness: the store answers and the process is not draining",
                 _json(_object({"status": text}), "ready"),
-                {"503": _json(_object({"status": text, "detail": text}), "the store cannot be reached")},
+                {"503": _json(_object({"status": text, "detail": text}), "store unreachable, or draining")},
             )
         },
         "/metrics": {
             "get": _open(
                 "Prometheus metrics",
                 {"description": "text exposition", "content": {"text/plain": {"schema": text}}},
+            )
+        },
+        "/jwks.json": {
+            "get": _open(
+                "The public keys that verify the gateway's JWTs (access tokens, assertions)",
+                _json(
+                    _object({"keys": {"type": "array", "items": {"type": "object"}}}),
+                    "a JWK Set: kid, kty, crv, x, [y], alg, use per key",
+                ),
             )
         },
         "/openapi.json": {"get": _open("This document", _json({"type": "object"}, "OpenAPI 3.1"))},

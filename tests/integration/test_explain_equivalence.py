@@ -544,7 +544,9 @@ GATEWAY_PATH_CASES = [
     ("prefixes", Case("TRACE", "/%2Egateway/x", "none", APP)),
     ("catch-all", Case("GET", "/.gateway/nothing", "none", None)),
     ("catch-all", Case("HEAD", "/%2Egateway/jwks.json", "alice", None)),
-    ("catch-all", Case("POST", "/.gateway/token", "root", None)),
+    # /.gateway/token and /.gateway/jwks.json are the gateway's own endpoints (the proxy answers
+    # them, explain says they are never forwarded): not comparable here, a near miss is.
+    ("catch-all", Case("POST", "/.gateway/tokens", "root", None)),
     ("catch-all", Case("DELETE", "/.gateway/x", "none", None)),
     ("catch-all", Case("PUT", "/.gateway/x", "alice", None)),
     ("catch-all", Case("GET", "/%2egateway/a/../b", "none", None)),
