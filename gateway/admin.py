@@ -41,6 +41,7 @@ from gateway.errors import (
     Unauthenticated,
     refusal,
 )
+from gateway.explain import CredentialCheck
 from gateway.headers import request_id_from
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import CONTENT_TYPE, Metrics
@@ -65,6 +66,7 @@ class AdminContext:
     store: Store
     directory: Directory
     authenticator: Authenticator  # admin tokens are checked like any token, then kind == "admin"
+    credentials: CredentialCheck  # the proxy's credential chain (gw_ tokens and access tokens): explain
     cache: TokenCache
     feed: ChangeFeed
     metrics: Metrics

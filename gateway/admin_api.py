@@ -456,7 +456,7 @@ class AdminApi:
         trace = await explain_request(
             context.settings(),
             self._directory,
-            context.authenticator,
+            context.credentials,  # as the proxy decides: gw_ tokens and access tokens
             context.origins,
             target,
             token=token,

@@ -118,6 +118,7 @@ class Gateway:
             store=self.store,
             directory=self.directory,
             authenticator=self.authenticator,
+            credentials=self.credentials,
             cache=self.cache,
             feed=self.feed,
             metrics=self.metrics,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -130,10 +130,16 @@ async def explain(
     return Trace(trace(decision, settings, target, credential))
 
 
+class CredentialCheck(Protocol):
+    """What explain needs of a credential check: the proxy's chain (gateway.bearer) or tokens alone."""
+
+    def authenticate(self, authorization: list[str], *, touch: bool = True) -> Awaitable[Principal]: ...
+
+
 async def explain_request(
     settings: Settings,
     directory: Directory,
-    authenticator: Authenticator,
+    authenticator: CredentialCheck,
     origins: OriginIndex,
     target: Target,
     *,

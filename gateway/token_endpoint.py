@@ -103,7 +103,8 @@ class TokenEndpoint:
             raise OAuthError("invalid_client", _BAD_CLIENT, status=401)
         digest = tokens.digest(secret)
         try:
-            key = await self._tokens.cached(digest, lambda: self._store.lookup_key(digest))
+            # Under its own prefix: a token lookup (by a bare digest) must never find an API key.
+            key = await self._tokens.cached("secret:" + digest, lambda: self._store.lookup_key(digest))
             now = self._clock()
             check_state(key, now)
         except Unauthenticated:
