@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from gateway import signing
 from gateway.config import Config
@@ -230,11 +230,24 @@ async def rotate(store: Store, config: Config, secret: bytes, *, now_too: bool, 
     starts = now if now_too else now + timedelta(seconds=config.signing.publish_ahead)
     async with translate_errors(), store.write_sessions.begin() as session:
         await _lock_changes(store, session)
+        # Every key still signing at `starts`: the current one, and one a pending rotation would
+        # have retired later (a `--now` after it must not leave the old key signing meanwhile).
         current = list(
             await session.scalars(
-                select(SigningKey).where(SigningKey.revoked_at.is_(None), SigningKey.retired_at.is_(None))
+                select(SigningKey).where(
+                    SigningKey.revoked_at.is_(None),
+                    or_(SigningKey.retired_at.is_(None), SigningKey.retired_at > starts),
+                )
             )
         )
+        for old in current:
+            # A key sealed with another secret would open on no instance: refuse before adding it.
+            try:
+                signing.unseal(old.sealed, old.kid, secret)
+            except signing.SealError:
+                raise ConfigError(
+                    [f"signing key {old.kid} does not open with this secret: rotate with the gateway's own"]
+                ) from None
         kid = _add_key(session, config.signing.alg, secret, now, starts)
         for old in current:
             old.retired_at = starts
