@@ -99,7 +99,7 @@ class Gateway:
             decider,
             forwarder,
             WebSocketRelay(forwarder, self.sockets),
-            TokenEndpoint(self.authenticator, store, lambda: self.ring, self.key_use),
+            TokenEndpoint(self.authenticator, store, lambda: self.ring, self.key_use, self.metrics),
             Assertions(lambda: self.ring),
             self.metrics,
             self.origins,

@@ -77,6 +77,12 @@ class Metrics:
         self.cached_identities = Gauge(
             "gateway_cached_identities", "Identities currently in the token cache.", registry=self.registry
         )
+        self.token_exchanges = Counter(
+            "gateway_token_exchanges",
+            "Exchanges at POST /.gateway/token, by result (issued or the RFC error code).",
+            ["result"],
+            registry=self.registry,
+        )
         self.websockets_open = Gauge(
             "gateway_websockets_open",
             "WebSockets being relayed, by route.",

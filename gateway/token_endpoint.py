@@ -27,6 +27,7 @@ from gateway.decision import Settings
 from gateway.errors import GatewayError, OAuthError, Refusal, StoreUnavailable, Unauthenticated, refusal
 from gateway.exchange import MAX_BODY, parse_token_request
 from gateway.keyring import KeyRing
+from gateway.metrics import Metrics
 from gateway.store import Store
 
 TOKEN_PATH = "/.gateway/token"
@@ -54,15 +55,15 @@ class TokenEndpoint:
         store: Store,
         ring: Callable[[], KeyRing],
         key_use: LastUsed,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._tokens = tokens_
         self._store = store
         self._ring = ring
         self._key_use = key_use
+        self._exchanges = metrics.token_exchanges
         self._clock = clock
-        self.exchanged = 0
-        self.refused = 0
 
     def jwks(self, request: web.BaseRequest, settings: Settings) -> Answer:
         """GET /.gateway/jwks.json: the public keys, cacheable for at most `publish_ahead`."""
@@ -90,10 +91,10 @@ class TokenEndpoint:
             )
             return await self._mint(settings, asked.key_id, asked.secret, asked.scope)
         except OAuthError as error:
-            self.refused += 1
+            self._exchanges.labels(error.error).inc()
             return Answer(_oauth_response(error), error.refusal)
         except GatewayError as error:  # the store is unreachable (503), a body that timed out (408)
-            self.refused += 1
+            self._exchanges.labels(error.refusal.value).inc()
             return Answer(refusal(error, request_id), error.refusal)
 
     async def _mint(
@@ -142,7 +143,7 @@ class TokenEndpoint:
         key_pair = signer.private
         token = signing.sign(claims, kid=signer.kid, alg=signer.alg, key=key_pair, typ=ACCESS_TOKEN_TYPE)
         self._key_use.touch(key.token_id, now)
-        self.exchanged += 1
+        self._exchanges.labels("issued").inc()
         body = {
             "access_token": token,
             "token_type": "Bearer",
