@@ -19,10 +19,14 @@ from bench.ws_load import TOKEN_ENV
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_report.lua"
 
 
-def shown(argv: list[str], secret: str) -> str:
-    """`argv` as a shell command, with the token replaced by $TOKEN (never written to RESULTS.md)."""
+def shown(argv: list[str], secret: str, name: str = "TOKEN") -> str:
+    """`argv` as a shell command, with the secret replaced by $NAME (never written to RESULTS.md).
+
+    `name`: the variable the report's commands use for this kind of secret ($TOKEN for a
+    `gw_` token, $KEY_SECRET for an API key's secret, $ACCESS_TOKEN for a JWT).
+    """
     text = shlex.join(argv)
-    return text.replace(secret, "$TOKEN") if secret else text
+    return text.replace(secret, f"${name}") if secret else text
 
 
 @dataclass
@@ -59,6 +63,7 @@ def run_wrk(
     connections: int,
     duration: float,
     token: str = "",
+    shown_as: str = "TOKEN",
     cpus: str = "0",
     server_pid: int | None = None,
     sut_core: int | None = None,
@@ -66,6 +71,8 @@ def run_wrk(
     timeout_s: int = 5,
 ) -> WrkResult:
     """`taskset -c CPUS wrk -t1 -cN -dDs --latency` (+ the Authorization header when `token`).
+
+    `shown_as`: the variable name the recorded command shows instead of the token (see `shown`).
 
     `load_core`: also record how busy wrk's core was (`raw["load_core_busy"]`, 0..1): with
     TLS wrk encrypts too, and a saturated load core means the server had time to spare.
@@ -132,7 +139,7 @@ def run_wrk(
         cpu_us_per_req=cpu_us,
         cpu_util=util,
         others_on_sut_core=others,
-        command=shown(argv, token),
+        command=shown(argv, token, shown_as),
         raw=raw,
     )
 

@@ -114,6 +114,34 @@ def cpu_gap_us(runs: dict[str, ServerRun], a: str, b: str) -> float | None:
 TLS_ADDED_BUDGET_US = 50.0
 
 
+# The credential variants measured beside (c) SQLite in the same rounds: (key, what, lowest
+# acceptable req/s ratio to (c)). The issue's aims: an access token (JWT) within 15 % of a
+# `gw_` token; signing an assertion per request costs at most 20 % (or is explained: the
+# CPU µs/req difference is its price, README "Identity assertion": about 60 µs).
+SIGNED_VARIANTS = (
+    ("gw-jwt", "JWT credential ≥ 0.85 × the token path (same rounds)", 0.85),
+    ("gw-assertion", "assertion: true ≥ 0.80 × without (same rounds)", 0.80),
+)
+
+
+def signed_variant_line(results: Results, key: str) -> str:
+    """'(j)/(c) JWT vs token: …' or '(k)/(c) assertion vs no assertion: …': the req/s ratio,
+    the CPU µs/req difference (N connections) and the p50 difference at 1 connection."""
+    what = {"gw-jwt": "(j)/(c) JWT vs token", "gw-assertion": "(k)/(c) assertion vs no assertion"}[key]
+    cpu = cpu_gap_us(results.runs, key, "gw-sqlite")
+    c50, base = _c50(results.runs, key), _c50(results.runs, "gw-sqlite")
+    per_req = (
+        ""
+        if c50 is None or base is None or c50.cpu_us_per_req is None or base.cpu_us_per_req is None
+        else f" ({c50.cpu_us_per_req:.0f} vs {base.cpu_us_per_req:.0f})"
+    )
+    latency = p50_gap_us(results.runs, key, "gw-sqlite")
+    return (
+        f"- {what}: {_f(ratio(results, key, 'gw-sqlite'), '.2f')} (throughput); CPU per request "
+        f"{_f(cpu, '+,.0f')} µs{per_req}; p50 at 1 connection {_f(latency, '+,.0f')} µs"
+    )
+
+
 def _others(*results: WrkResult | None) -> str:
     """'core 1: others took X % (…)' for the runs a target compares."""
     shares = [r.others_on_sut_core for r in results if r is not None and r.others_on_sut_core is not None]
@@ -173,6 +201,23 @@ def targets(results: Results) -> list[Target]:
                 _others(c1, bare_c1),
             )
         )
+    if throughput:
+        base = _c50(results.runs, "gw-sqlite")
+        for key, what, floor in SIGNED_VARIANTS:
+            c50 = _c50(results.runs, key)
+            vs_base = ratio(results, key, "gw-sqlite")
+            cpu = cpu_gap_us(results.runs, key, "gw-sqlite")
+            found.append(
+                Target(
+                    what,
+                    "–"
+                    if c50 is None or base is None or vs_base is None
+                    else f"{c50.rps:,.0f} req/s = {vs_base:.2f} × (c) SQLite's {base.rps:,.0f}; "
+                    f"CPU {_f(cpu, '+,.0f')} µs/req",
+                    None if vs_base is None else vs_base >= floor,
+                    _others(c50, base),
+                )
+            )
     if "streaming" in results.options.only:
         through = {r.direction: r for label, r in results.streams if label == "through the gateway"}
         for direction in ("download", "upload"):
@@ -446,8 +491,22 @@ def render(results: Results, previous: Path) -> str:
         "nothing else changed."
     )
     add(
-        "- Before each load a request checks the 98-byte body and, through (c) and (d), that the "
-        "upstream saw `X-Service-User: bench` (nginx echoes it as `X-Seen-User`)."
+        "- Credentials and signing, beside (c) SQLite and measured right after it in every round: "
+        "(j) the same (c) process and config, but wrk sends `Authorization: Bearer <JWT>`, an access "
+        "token (ES256, `typ: at+jwt`) for which an API key of user `bench` (`key create`) was "
+        "exchanged at `POST /.gateway/token` on the running gateway (client credentials; exchanged "
+        "again if fewer than 5 minutes of it remain); the gateway verifies its signature once and "
+        "then serves it from its per-process claims cache and the key's cached state. (k) a second "
+        "`gateway serve` on the same SQLite store and `gw_` token whose `bench` route has "
+        "`assertion: true`: every forwarded request gets an ES256-signed `X-Service-User-Assertion` "
+        "(its config differs from (c)'s only in that and in `signing.secret_key_file`, the sealing "
+        "secret (c)'s first start wrote). A check before the load verifies, through the upstream "
+        "(which echoes the header on `/bench/assertion` only), that (k)'s assertion verifies "
+        "against the gateway's JWKS and names user, method and path, and that (c) sends none."
+    )
+    add(
+        "- Before each load a request checks the 98-byte body and, through (c), (d), (j) and (k), "
+        "that the upstream saw `X-Service-User: bench` (nginx echoes it as `X-Seen-User`)."
     )
     add(
         "- CPU µs per request: utime+stime+cutime+cstime of the server under test (and any child "
@@ -498,6 +557,9 @@ def render(results: Results, previous: Path) -> str:
             f"- (e)/(d) throughput: {_f(ratio(results, 'bare-lean', 'bare'), '.2f')} (the same bare proxy; "
             "only aiohttp.ClientSession replaced by the gateway's upstream client, gateway/upstream.py)"
         )
+        for key, _, _ in SIGNED_VARIANTS:
+            if key in results.runs:
+                add(signed_variant_line(results, key))
         cpu = {k: r.c50.cpu_us_per_req for k, r in results.runs.items() if r.c50 is not None}
         if cpu.get("gw-sqlite") and cpu.get("bare") and cpu.get("nginx"):
             add(
@@ -590,8 +652,9 @@ def render(results: Results, previous: Path) -> str:
     add("")
     add(
         "Paths are those of this run's work directory (`bench/work/run-*`, removed afterwards unless "
-        "`--keep`); `$TOKEN` stands for the secret the `token set` command printed. The configuration files "
-        "written there follow the commands."
+        "`--keep`); `$TOKEN` stands for the secret the `token set` command printed, `$KEY_SECRET` "
+        "for the one `key create` printed and `$ACCESS_TOKEN` for the JWT the exchange answered. "
+        "The configuration files written there follow the commands."
     )
     add("")
     add("```sh")

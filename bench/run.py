@@ -42,14 +42,18 @@ from bench.procs import (
     wait_until_quiet,
 )
 from bench.servers import (
+    ASSERTION_PATH,
     BENCH_PATH,
     REPO,
     UPSTREAM_BODY,
     WS_PATH,
+    AccessToken,
     GatewaySetup,
     Server,
     TlsPair,
+    create_bench_key,
     create_bench_token,
+    exchange_api_key,
     gateway_serve_argv,
     start_bare_proxy,
     start_gateway,
@@ -57,6 +61,7 @@ from bench.servers import (
     start_nginx_upstream,
     start_stream_upstream,
     start_ws_upstream,
+    token_endpoint_url,
     write_gateway_config,
     write_self_signed_pair,
 )
@@ -68,6 +73,9 @@ DEFAULT_PG = os.environ.get("GATEWAY_BENCH_PG", "postgresql://postgres@127.0.0.1
 LOAD_CPUS = "0"
 SUT_CPUS = "1"
 QUIET = 0.25  # machine CPU use (both cores) under which a measurement may start
+# An access token is exchanged again when less than this many seconds of it remain, so that
+# a long run (--duration, --rounds) never measures (j) with an expired JWT.
+TOKEN_MARGIN = 300.0
 
 
 @dataclass
@@ -278,6 +286,29 @@ class Results:
     elapsed_s: float = 0.0
 
 
+@dataclass
+class ApiKeyCredential:
+    """The (j) credential: the bench user's API key (in `setup`) and the access token (a JWT)
+    the running gateway last exchanged it for."""
+
+    setup: GatewaySetup
+    held: AccessToken | None = None
+    obtained: float = 0.0  # time.monotonic() of the exchange
+
+    def token(self) -> str:
+        """The access token; exchanged (again) over HTTP when less than TOKEN_MARGIN of it remains."""
+        if self.held is None or time.monotonic() - self.obtained > self.held.expires_in - TOKEN_MARGIN:
+            fresh = exchange_api_key(self.setup)
+            if fresh.expires_in <= TOKEN_MARGIN:
+                raise RuntimeError(f"the access token lives {fresh.expires_in:g} s: too short to measure")
+            self.held, self.obtained = fresh, time.monotonic()
+            log(
+                f"exchanged API key {self.setup.key_id} for an access token "
+                f"(expires in {fresh.expires_in:g} s, scope {fresh.scope!r})"
+            )
+        return self.held.token
+
+
 # -- the run -------------------------------------------------------------------------
 
 
@@ -353,8 +384,49 @@ class Bench:
         if expect_user and seen != "bench":
             raise RuntimeError(f"sanity check of {server_url}: the upstream saw X-Service-User {seen!r}")
 
-    def measure_round(self, run: ServerRun, server: Server, pid: int, token: str, *, round_no: int) -> None:
-        """One round of one server: (warm-up on the first round) N connections, then 1 connection."""
+    def check_assertion(self, server: Server, token: str, *, expected: bool) -> None:
+        """Through `server` (a gateway), GET ASSERTION_PATH and check X-Service-User-Assertion.
+
+        `expected`: the upstream got a JWT that verifies against the gateway's JWKS
+        (ES256/EdDSA, `typ: gateway-assertion+jwt`, `aud: route:bench`) and names user
+        `bench`, GET and this path, so (k) measures real per-request signing; else it got
+        none, so (c) is the route without it.
+        """
+        import jwt  # PyJWT, a dependency of the gateway
+
+        status, headers, _ = http_get(server.url + ASSERTION_PATH, {"Authorization": f"Bearer {token}"})
+        seen = {k.lower(): v for k, v in headers.items()}.get("x-seen-assertion")
+        where = f"assertion check of {server.url}"
+        if status != 200:
+            raise RuntimeError(f"{where}: HTTP {status}")
+        if not expected:
+            if seen:
+                raise RuntimeError(f"{where}: the upstream got an assertion on a route without one")
+            return
+        if not seen:
+            raise RuntimeError(f"{where}: the upstream got no X-Service-User-Assertion")
+        _, _, body = http_get(f"{server.url}/.gateway/jwks.json")
+        keys = {key.key_id: key for key in jwt.PyJWKSet.from_json(body.decode()).keys}
+        header = jwt.get_unverified_header(seen)
+        if header.get("typ") != "gateway-assertion+jwt" or header.get("kid") not in keys:
+            raise RuntimeError(f"{where}: unexpected assertion header {header}")
+        claims = jwt.decode(
+            seen,
+            keys[header["kid"]].key,
+            algorithms=["ES256", "EdDSA"],
+            audience="route:bench",
+            issuer="gateway",
+        )
+        if (claims.get("sub"), claims.get("method"), claims.get("path")) != ("bench", "GET", ASSERTION_PATH):
+            raise RuntimeError(f"{where}: the assertion is for {claims.get('sub')} {claims.get('path')}")
+
+    def measure_round(
+        self, run: ServerRun, server: Server, pid: int, token: str, *, round_no: int, shown_as: str = "TOKEN"
+    ) -> None:
+        """One round of one server: (warm-up on the first round) N connections, then 1 connection.
+
+        `shown_as`: the variable the recorded commands show instead of the token (load.shown).
+        """
         options = self.options
         url = server.url + BENCH_PATH
         sut_core = None if run.key == "direct" else int(SUT_CPUS)
@@ -372,6 +444,7 @@ class Bench:
             connections=options.connections,
             duration=options.duration,
             token=token,
+            shown_as=shown_as,
             cpus=LOAD_CPUS,
             server_pid=pid,
             sut_core=sut_core,
@@ -388,6 +461,7 @@ class Bench:
             connections=1,
             duration=options.c1_duration,
             token=token,
+            shown_as=shown_as,
             cpus=LOAD_CPUS,
             server_pid=pid,
             sut_core=sut_core,
@@ -402,19 +476,30 @@ class Bench:
 
     def throughput(self) -> None:
         """Every server started at once (each idle while another is loaded), then measured in
-        interleaved rounds, so that a slow spell of this shared machine hits them all alike."""
+        interleaved rounds, so that a slow spell of this shared machine hits them all alike.
+
+        (j) and (k) are measured right after (c) SQLite in each round (their ratios to it are
+        the point), though the tables list them last."""
         results = self.results
         upstream = start_nginx_upstream(self.procs, self.work, LOAD_CPUS, self.upstream_port)
         self.command(upstream.proc.command)
         self.results.configs["nginx-upstream.conf"] = (self.work / "nginx-upstream.conf").read_text()
         self.sanity(upstream.url, "", expect_user=False)
-        measured: list[tuple[ServerRun, Server, str]] = []
+        # (run, server, the bearer credential of each round, what the commands show for it)
+        measured: list[tuple[ServerRun, Server, Callable[[], str], str]] = []
         started: list[Server] = []
 
-        def add(run: ServerRun, server: Server, token: str, expect_user: bool) -> None:
+        def add(
+            run: ServerRun,
+            server: Server,
+            token: str | Callable[[], str],
+            expect_user: bool,
+            shown_as: str = "TOKEN",
+        ) -> None:
+            credential = token if callable(token) else (lambda: token)
             results.runs[run.key] = run
-            self.sanity(server.url, token, expect_user=expect_user)
-            measured.append((run, server, token))
+            self.sanity(server.url, credential(), expect_user=expect_user)
+            measured.append((run, server, credential, shown_as))
 
         try:
             add(
@@ -439,6 +524,9 @@ class Bench:
                 started.append(gateway)
                 self.command(shown(gateway.proc.argv, setup.token) + f"  2> {gateway.proc.log_path.name}")
                 add(run, gateway, setup.token, True)
+                if store == "sqlite":
+                    self.check_assertion(gateway, setup.token, expected=False)
+                    self.signed_credentials(setup, gateway, started, add)
             sqlite_setup = self.setup("sqlite")
             assert sqlite_setup is not None
             for key, label, client in (
@@ -455,10 +543,15 @@ class Bench:
                 started.append(bare)
                 self.command(f"BENCH_BARE_TOKENS=$TOKEN=bench {bare.proc.command}")
                 add(ServerRun(key, label), bare, sqlite_setup.token, True)
+            for key in ("gw-jwt", "gw-assertion"):  # listed after (e), in letter order
+                if key in results.runs:
+                    results.runs[key] = results.runs.pop(key)
             for round_no in range(self.options.rounds):
-                for run, server, token in measured:
-                    self.measure_round(run, server, server.proc.pid, token, round_no=round_no)
-            for run, _, _ in measured:
+                for run, server, credential, shown_as in measured:
+                    self.measure_round(
+                        run, server, server.proc.pid, credential(), round_no=round_no, shown_as=shown_as
+                    )
+            for run, _, _, _ in measured:
                 run.settle_medians()
         finally:
             for server in started:
@@ -466,6 +559,71 @@ class Bench:
 
         self.workers(sqlite_setup)
         self.procs.stop(upstream.proc)
+
+    def signed_credentials(
+        self,
+        setup: GatewaySetup,
+        gateway: Server,
+        started: list[Server],
+        add: Callable[..., None],
+    ) -> None:
+        """(j) and (k), beside the running (c) SQLite gateway `gateway` of `setup`.
+
+        (j): that same process, the credential an access token (a JWT) for which an API key of
+        user `bench` was exchanged at its token endpoint: the difference to (c) is the JWT path
+        alone (signature verified once, then the per-process claims cache and the key's cached
+        state). (k): a second process on the same store and `gw_` token whose `bench` route
+        has `assertion: true`, so each forwarded request is signed (ES256); its config differs
+        from (c)'s only in that and in naming (c)'s sealing secret, which the first start on
+        the fresh store wrote.
+        """
+        results = self.results
+        create_bench_key(setup, self.env)
+        self.command(setup.commands[-1])
+        credential = ApiKeyCredential(setup)
+        exchange = [
+            "curl", "-sS", "-d", "grant_type=client_credentials", "-d", f"client_id={setup.key_id}",
+            "--data-urlencode", f"client_secret={setup.key_secret}", token_endpoint_url(setup),
+        ]  # fmt: skip
+        self.command(
+            shown(exchange, setup.key_secret, "KEY_SECRET") + "  # ACCESS_TOKEN = the answer's access_token"
+        )
+        add(
+            ServerRun(
+                "gw-jwt",
+                "(j) gateway, SQLite, access-token JWT",
+                note="the (c) SQLite process; Bearer JWT from POST /.gateway/token",
+            ),
+            gateway,
+            credential.token,
+            True,
+            "ACCESS_TOKEN",
+        )
+        assertion_setup = write_gateway_config(
+            self.work / "gw-sqlite-assertion",
+            setup.store_url,
+            f"http://{LOOPBACK}:{self.upstream_port}",
+            f"http://{LOOPBACK}:{self.stream_port}",
+            assertion=True,
+            secret_key_file=setup.directory / "gateway.secret",
+        )
+        assertion_setup.token = setup.token
+        results.configs["gw-sqlite-assertion/gateway.yaml"] = assertion_setup.config.read_text()
+        signer = start_gateway(self.procs, assertion_setup, SUT_CPUS, "gw-sqlite-assertion")
+        started.append(signer)
+        self.command(shown(signer.proc.argv, setup.token) + f"  2> {signer.proc.log_path.name}")
+        log(f"gateway config with `assertion: true`: {assertion_setup.config} (the SQLite store of (c))")
+        self.check_assertion(signer, setup.token, expected=True)
+        add(
+            ServerRun(
+                "gw-assertion",
+                "(k) gateway, SQLite, `assertion: true`",
+                note="route bench signs an ES256 assertion per request",
+            ),
+            signer,
+            setup.token,
+            True,
+        )
 
     def workers(self, setup: GatewaySetup) -> None:
         """`gateway serve --workers 2`: measured (both cores) when it starts, else 'not available'."""
@@ -591,14 +749,20 @@ class Bench:
     def edge_setups(self, pair: TlsPair) -> tuple[GatewaySetup, GatewaySetup]:
         """Two gateway configs that differ only in the proxy listener (plain HTTP / TLS with
         `pair`), each with the routes `bench`, `stream` and `ws` (`websocket: true`). They share
-        one SQLite store, so one token serves both."""
+        one SQLite store, so one token serves both, and so the TLS one names the sealing secret
+        the plain one writes on its first start (else it cannot open the store's signing key)."""
         store = f"sqlite+aiosqlite:///{self.work / 'gw-edge' / 'gateway.db'}"
         upstreams = (f"http://{LOOPBACK}:{self.upstream_port}", f"http://{LOOPBACK}:{self.stream_port}")
         ws_upstream = f"http://{LOOPBACK}:{self.ws_port}"
         plain = write_gateway_config(self.work / "gw-edge", store, *upstreams, ws_upstream=ws_upstream)
         create_bench_token(plain, self.env)
         tls = write_gateway_config(
-            self.work / "gw-edge-tls", store, *upstreams, tls=pair, ws_upstream=ws_upstream
+            self.work / "gw-edge-tls",
+            store,
+            *upstreams,
+            tls=pair,
+            ws_upstream=ws_upstream,
+            secret_key_file=plain.directory / "gateway.secret",
         )
         tls.token = plain.token
         for text in plain.commands:

@@ -3,17 +3,22 @@
 Each `start_*` function writes its own config into the run's work directory, starts the
 process through `Processes` (pinned with taskset), waits until it answers, and returns it.
 The edge scenario adds TLS (one self-signed pair for nginx and the gateway alike) and a
-WebSocket echo upstream with a `websocket: true` route to it.
+WebSocket echo upstream with a `websocket: true` route to it. The throughput scenario adds an
+API key exchanged for a JWT access token, and a gateway whose bench route has `assertion: true`.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import re
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,9 @@ UPSTREAM_BODY = (
 assert len(UPSTREAM_BODY.encode()) == 98, len(UPSTREAM_BODY.encode())
 
 BENCH_PATH = "/bench/item"
+# The upstream echoes the X-Service-User-Assertion it received only on this path (so the
+# measured responses of BENCH_PATH stay the same 98 bytes plus headers through every server).
+ASSERTION_PATH = "/bench/assertion"
 WS_PATH = "/ws/echo"
 ROLE = "bench-reader"
 
@@ -149,7 +157,9 @@ def start_nginx_upstream(procs: Processes, work: Path, cpus: str, port: int) -> 
     """nginx answering every request with the fixed 98-byte JSON body.
 
     It echoes the X-Service-User it received as X-Seen-User (absent when empty), so a
-    sanity check can see that the proxies under test attached the identity.
+    sanity check can see that the proxies under test attached the identity; on
+    ASSERTION_PATH it also echoes X-Service-User-Assertion as X-Seen-Assertion, so the
+    sanity check of an `assertion: true` route can verify the JWT the upstream got.
     """
     body = UPSTREAM_BODY.replace("'", "\\'")
     conf = _nginx_conf(
@@ -161,6 +171,12 @@ def start_nginx_upstream(procs: Processes, work: Path, cpus: str, port: int) -> 
             location / {{
                 default_type application/json;
                 add_header X-Seen-User $http_x_service_user;
+                return 200 '{body}';
+            }}
+            location = {ASSERTION_PATH} {{
+                default_type application/json;
+                add_header X-Seen-User $http_x_service_user;
+                add_header X-Seen-Assertion $http_x_service_user_assertion;
                 return 200 '{body}';
             }}
         }}
@@ -315,6 +331,8 @@ class GatewaySetup:
     admin_port: int
     commands: list[str]
     tls: TlsPair | None = None  # the proxy listener serves HTTPS with this pair
+    key_id: str = ""  # the bench user's API key (create_bench_key), its public id …
+    key_secret: str = ""  # … and its secret (never written to RESULTS.md)
 
     @property
     def scheme(self) -> str:
@@ -329,12 +347,20 @@ def write_gateway_config(
     *,
     tls: TlsPair | None = None,
     ws_upstream: str | None = None,
+    assertion: bool = False,
+    secret_key_file: Path | None = None,
 ) -> GatewaySetup:
     """gateway.yaml (routes `bench` and `stream`, log_level info) and policies/bench.yaml.
 
     `tls`: the proxy listener in the object form with that pair (the admin listener stays
     plain HTTP, for the readiness poll). `ws_upstream`: one more route, `ws` (`/ws`,
-    `websocket: true`), and policies/ws.yaml for it.
+    `websocket: true`), and policies/ws.yaml for it. `assertion`: the `bench` route signs
+    an identity assertion (a JWT) for every forwarded request.
+
+    `secret_key_file` (`signing.secret_key_file`): the sealing secret of the store's signing
+    keys. The first `gateway serve` on a fresh store makes a key and writes gateway.secret
+    beside its own gateway.yaml; a second config directory on the same store must point at
+    that file, or its gateway refuses to start (it cannot open the key).
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "policies").mkdir(exist_ok=True)
@@ -347,11 +373,11 @@ def write_gateway_config(
             f'\n    listen: "{LOOPBACK}:{proxy_port}"'
             f'\n    tls:\n      cert_file: "{tls.cert}"\n      key_file: "{tls.key}"'
         )
-    routes = textwrap.dedent(
+    routes = f'- name: bench\n  prefix: /bench\n  upstream: "{bench_upstream}"\n'
+    if assertion:
+        routes += "  assertion: true\n"
+    routes += textwrap.dedent(
         f"""\
-          - name: bench
-            prefix: /bench
-            upstream: "{bench_upstream}"
           - name: stream
             prefix: /stream
             upstream: "{stream_upstream}"
@@ -369,6 +395,7 @@ def write_gateway_config(
                 websocket: true
             """
         )
+    signing = "" if secret_key_file is None else f'signing:\n  secret_key_file: "{secret_key_file}"\n'
     config = directory / "gateway.yaml"
     config.write_text(
         f'listeners:\n  proxy:{proxy}\n  admin: "{LOOPBACK}:{admin_port}"\n'
@@ -378,9 +405,10 @@ def write_gateway_config(
               url: "{store_url}"
             policies: policies/
             log_level: info
-            routes:
             """
         )
+        + signing
+        + "routes:\n"
         + textwrap.indent(routes, "  ")
     )
     return GatewaySetup(directory, config, store_url, "", proxy_port, admin_port, [], tls)
@@ -405,6 +433,58 @@ def create_bench_token(setup: GatewaySetup, env: dict[str, str]) -> str:
         raise RuntimeError(f"no 'Access token:' line in the output of token set:\n{out}")
     setup.token = found.group(1)
     return setup.token
+
+
+def create_bench_key(setup: GatewaySetup, env: dict[str, str]) -> tuple[str, str]:
+    """Create an API key of user `bench` (made by create_bench_token); return (key id, secret)."""
+    out = gateway_cli(setup, env, "key", "create", "--user", "bench", "--description", "benchmark")
+    key_id = re.search(r"^Key ID: (key_\S+)$", out, re.MULTILINE)
+    secret = re.search(r"^Key secret: (gwk_\S+)$", out, re.MULTILINE)
+    if key_id is None or secret is None:
+        raise RuntimeError("no 'Key ID:' / 'Key secret:' line in the output of key create")
+    setup.key_id, setup.key_secret = key_id.group(1), secret.group(1)
+    return setup.key_id, setup.key_secret
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """The answer of POST /.gateway/token: a JWT and how long it lives."""
+
+    token: str
+    expires_in: float
+    scope: str
+
+
+def token_endpoint_url(setup: GatewaySetup) -> str:
+    return f"http://{LOOPBACK}:{setup.proxy_port}/.gateway/token"
+
+
+def exchange_api_key(setup: GatewaySetup, timeout: float = 10.0) -> AccessToken:
+    """Exchange the setup's API key for an access token at the running gateway's token endpoint.
+
+    OAuth 2.0 client credentials with `client_id`/`client_secret` form fields, as a client
+    of the gateway would send them (over HTTP, so the exchange is the real one, not a JWT
+    the bench made itself). The secret and the token are never part of an error message.
+    """
+    body = urllib.parse.urlencode(
+        {"grant_type": "client_credentials", "client_id": setup.key_id, "client_secret": setup.key_secret}
+    ).encode()
+    request = urllib.request.Request(  # noqa: S310 (a loopback URL we built)
+        token_endpoint_url(setup),
+        data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = error.read()[:300].decode(errors="replace")
+        raise RuntimeError(f"POST /.gateway/token: HTTP {error.code}: {detail}") from None
+    token = answer.get("access_token")
+    if not isinstance(token, str) or token.count(".") != 2 or answer.get("token_type") != "Bearer":
+        raise RuntimeError(f"POST /.gateway/token: no Bearer JWT in the answer (keys {sorted(answer)})")
+    return AccessToken(token, float(answer.get("expires_in", 0)), str(answer.get("scope", "")))
 
 
 def gateway_serve_argv(setup: GatewaySetup, workers: int | None = None) -> list[str]:

@@ -123,7 +123,8 @@ async def test_cold_lookup_uses_the_digest_index(harness: Harness) -> None:
     # after the changes above) run on the same engine: let them settle, then keep them out.
     await harness.gateway.catch_up()
 
-    selects = [(s, p) for s, p in await _lookup_statements(store, tokens.digest(secret)) if not _background(s)]
+    captured_selects = await _lookup_statements(store, tokens.digest(secret))
+    selects = [(s, p) for s, p in captured_selects if not _background(s)]
     by_digest = [(s, p) for s, p in selects if "tokens" in _tables(s) and "digest" in s]
     assert len(by_digest) == 1, selects
     statement, parameters = by_digest[0]
