@@ -11,7 +11,7 @@ from sqlalchemy import delete, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import Conflict, Invalid
-from gateway.models import AllowedOrigin, RoleAssignment, ServiceUser, Token
+from gateway.models import AllowedOrigin, ApiKey, RoleAssignment, ServiceUser, Token
 from gateway.services.base import (
     ADMIN_NO_ORIGINS,
     ADMIN_NO_ROLES,
@@ -127,8 +127,8 @@ class UserOperations(DirectoryBase):
     ) -> UserView:
         """Change a user; `roles`/`origins` replace the whole set (PATCH), the others are deltas.
 
-        When roles are removed, a token's fixed roles list loses every role the user then
-        neither holds nor reaches through `includes` (`_strip_token_roles`).
+        When roles are removed, a token's (and an API key's) fixed roles list loses every role
+        the user then neither holds nor reaches through `includes` (`_strip_token_roles`).
         Nothing changed: no audit event and no change-feed row.
         """
         add_roles, remove_roles = as_list(add_roles, "roles"), as_list(remove_roles, "roles")
@@ -177,6 +177,9 @@ class UserOperations(DirectoryBase):
                 stripped = await self._strip_token_roles(session, user.id, target_roles)
                 if stripped:
                     detail["token_roles_removed"] = stripped
+                key_stripped = await self._strip_key_roles(session, user.id, target_roles)
+                if key_stripped:
+                    detail["key_roles_removed"] = key_stripped
             new_rows = [
                 RoleAssignment(user_id=user.id, role=role, assigned_by=actor, assigned_at=now)
                 for role in granted
@@ -211,6 +214,27 @@ class UserOperations(DirectoryBase):
                 )
             kept = [row for role, row in held.items() if role not in revoked]
             return user_view(user, kept + new_rows, target_origins)
+
+    async def _strip_key_roles(
+        self, session: AsyncSession, user_id: int, remaining: set[str]
+    ) -> dict[str, list[str]]:
+        """As `_strip_token_roles`, for the user's API keys; key id → roles dropped."""
+        stripped: dict[str, list[str]] = {}
+        fixed = list(
+            await session.scalars(
+                select(ApiKey).where(ApiKey.user_id == user_id, ApiKey.roles.is_not(None)).order_by(ApiKey.id)
+            )
+        )
+        if not fixed:
+            return stripped
+        reach = self._policies().reachable(remaining)
+        for key in fixed:
+            current = list(key.roles or [])
+            gone = sorted(role for role in set(current) if role not in reach)
+            if gone:
+                key.roles = [role for role in current if role in reach]
+                stripped[key.id] = gone
+        return stripped
 
     async def _strip_token_roles(
         self, session: AsyncSession, user_id: int, remaining: set[str]

@@ -312,6 +312,17 @@ async def test_removing_a_role_removes_it_from_fixed_token_roles(directory: Dire
     assert {t.name: t.roles for t in await directory.list_tokens("svc")}["both"] == ()
 
 
+async def test_removing_a_role_removes_it_from_fixed_key_roles(directory: Directory) -> None:
+    await directory.create_user("svc", actor=ACTOR, roles=["reader", "other", "service-user-project-admin"])
+    both, _ = await directory.create_key("svc", actor=ACTOR, roles=["reader", "other"])
+    follow, _ = await directory.create_key("svc", actor=ACTOR)
+    await directory.update_user("svc", actor=ACTOR, remove_roles=["reader"])
+    roles = {k.id: k.roles for k in await directory.list_keys("svc")}
+    assert roles == {both.id: ("other",), follow.id: None}
+    [event] = await directory.list_audit(limit=1)
+    assert event.detail == {"roles_removed": ["reader"], "key_roles_removed": {both.id: ["reader"]}}
+
+
 async def test_a_token_keeps_a_removed_role_the_user_still_reaches(directory: Directory) -> None:
     """A fixed list loses a role only when the user neither holds nor reaches it after the change."""
     await directory.create_user("svc", actor=ACTOR, roles=["reader", "writer", "other"])
