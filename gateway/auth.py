@@ -197,6 +197,13 @@ class Authenticator:
             self._last_used.touch(principal.token_id, now)
         return principal
 
+    def peek(self, key: str) -> Principal | None:
+        """The Principal cached under `key`, if any (no store query; 503 past the outage grace)."""
+        principal = self._cache.get(key)
+        if principal is not None and not self._store_trusted():
+            raise StoreUnavailable(_UNREACHABLE)
+        return principal
+
     async def cached(self, key: str, fetch: Fetch) -> Principal:
         """The Principal cached under `key`, else the one `fetch()` reads from the store (bounded
         like token lookups, evicted by the change feed like them); 401 when it finds none."""

@@ -43,6 +43,19 @@ def _stamp(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class _Verified:
+    """A verified access token: its claims, and the Principal last derived from its key's state."""
+
+    __slots__ = ("claims", "exp", "key_id", "key", "principal")
+
+    def __init__(self, claims: dict[str, Any]) -> None:
+        self.claims = claims
+        self.exp: float = claims["exp"]
+        self.key_id: str = claims["key_id"]
+        self.key: Principal | None = None  # the cached key identity `principal` was derived from
+        self.principal: Principal | None = None
+
+
 class AccessTokens:
     """Verifies the access-token JWTs the token endpoint minted, and holds what it verified."""
 
@@ -59,7 +72,7 @@ class AccessTokens:
         self._ring = ring
         self._config = config
         self._clock = clock
-        self._verified: TTLCache[str, dict[str, Any]] = TTLCache(_VERIFIED_ENTRIES, _VERIFIED_SECONDS)
+        self._verified: TTLCache[str, _Verified] = TTLCache(_VERIFIED_ENTRIES, _VERIFIED_SECONDS)
 
     def forget(self) -> None:
         """Drop every verified token (a signing key was rotated or revoked)."""
@@ -67,10 +80,12 @@ class AccessTokens:
 
     def claims(self, token: str) -> dict[str, Any]:
         """The verified claims of `token`, or a 401 naming why it is refused (never quoting it)."""
+        return self._entry(token, self._clock()).claims
+
+    def _entry(self, token: str, now: float) -> _Verified:
         digest = tokens.digest(token)
-        claims = self._verified.get(digest)
-        now = self._clock()
-        if claims is None:
+        entry = self._verified.get(digest)
+        if entry is None:
             config = self._config()
             try:
                 claims = signing.verify(
@@ -88,19 +103,20 @@ class AccessTokens:
             except signing.InvalidJwt as exc:
                 raise Unauthenticated(Refusal.INVALID_TOKEN, str(exc)) from None
             _check_shape(claims)
-            self._verified[digest] = claims
-        elif claims["exp"] <= now - signing.MAX_LEEWAY:
-            raise Unauthenticated(Refusal.TOKEN_EXPIRED, f"token expired on {_stamp(claims['exp'])}")
-        return claims
+            entry = self._verified[digest] = _Verified(claims)
+        elif entry.exp <= now - signing.MAX_LEEWAY:
+            raise Unauthenticated(Refusal.TOKEN_EXPIRED, f"token expired on {_stamp(entry.exp)}")
+        return entry
 
     async def authenticate(self, token: str) -> Principal:
         """The Principal of an access token: its claims, checked against its key's state now."""
-        claims = self.claims(token)
-        key_id: str = claims["key_id"]
-        key = await self._tokens.cached("key:" + key_id, lambda: self._store.key_principal(key_id))
-        if key.user != claims["sub"] or key.kind != "service":
-            raise Unauthenticated(Refusal.INVALID_TOKEN, "the token's API key belongs to another user")
         now = self._clock()
+        entry = self._entry(token, now)
+        key_id = entry.key_id
+        # The key's state: a cache hit (no store query) unless the change feed evicted it.
+        key = self._tokens.peek("key:" + key_id)
+        if key is None:
+            key = await self._tokens.cached("key:" + key_id, lambda: self._store.key_principal(key_id))
         if key.expires_at is not None and key.expires_at.timestamp() <= now:
             raise Unauthenticated(
                 Refusal.TOKEN_EXPIRED,
@@ -109,12 +125,18 @@ class AccessTokens:
             )
         if key.disabled:
             raise Unauthenticated(Refusal.USER_DISABLED, f"user '{key.user}' is disabled")
-        expires = datetime.fromtimestamp(claims["exp"], UTC)
+        if entry.key is key and entry.principal is not None:
+            return entry.principal  # the same key state as last time: the same identity
+        claims = entry.claims
+        if key.user != claims["sub"] or key.kind != "service":
+            raise Unauthenticated(Refusal.INVALID_TOKEN, "the token's API key belongs to another user")
+        expires = datetime.fromtimestamp(entry.exp, UTC)
         if key.expires_at is not None and key.expires_at < expires:
             expires = key.expires_at
-        return dataclasses.replace(
-            key, token_roles=tuple(sorted(set(claims["roles"]))), expires_at=expires
-        )
+        roles = tuple(sorted(set(claims["roles"])))
+        principal = dataclasses.replace(key, token_roles=roles, expires_at=expires)
+        entry.key, entry.principal = key, principal
+        return principal
 
 
 def _check_shape(claims: dict[str, Any]) -> None:
