@@ -1,0 +1,82 @@
+"""Rate limits: the GCRA decision and the headers it answers with (README "Rate limits", issue 13).
+
+Imports: nothing of the gateway. Pure: a limit, a key's stored state and the time in; a verdict
+and the new state out. The stores (one process's memory; Redis shared by every instance)
+keep the state and apply it atomically; the decision function decides where a limit is
+checked.
+
+GCRA (the generic cell rate algorithm) keeps one number per key: the theoretical arrival
+time (TAT) of the next request if the key sent exactly at its rate. A request is admitted
+when it arrives no earlier than TAT minus the burst tolerance; admitting it moves TAT on
+by one emission interval. A refused request changes nothing (it consumes nothing), and the
+state is one float, so a store can apply it atomically in one step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """`rate` requests per `per` seconds, up to `burst` at once (from idle)."""
+
+    rate: float
+    per: float
+    burst: int
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the steady rate (GCRA's emission interval)."""
+        return self.per / self.rate
+
+    @property
+    def window(self) -> int:
+        """Whole seconds an idle key takes to earn its whole burst (the header's `w`)."""
+        return max(1, math.ceil(self.burst * self.interval))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One decision: admitted or not, what is left, and when to come back."""
+
+    allowed: bool
+    remaining: int  # requests that would be admitted right now after this one
+    retry_after: float  # seconds until one more would be admitted (0 when some are left)
+    tat: float  # the key's new theoretical arrival time (unchanged when refused)
+
+
+def decide(limit: Limit, tat: float | None, now: float) -> Verdict:
+    """Admit or refuse one request of a key whose stored TAT is `tat` (None: never seen)."""
+    interval = limit.interval
+    tolerance = interval * limit.burst
+    current = now if tat is None or tat < now else tat
+    new_tat = current + interval
+    allowed_from = new_tat - tolerance
+    if now < allowed_from:
+        left = _remaining(current, now, tolerance, interval)
+        return Verdict(False, left, allowed_from - now, current if tat is not None else now)
+    left = _remaining(new_tat, now, tolerance, interval)
+    wait = 0.0 if left > 0 else new_tat - tolerance + interval - now
+    return Verdict(True, left, max(wait, 0.0), new_tat)
+
+
+def _remaining(tat: float, now: float, tolerance: float, interval: float) -> int:
+    # How many more intervals fit between the key's TAT and the edge of its tolerance.
+    return max(0, math.floor((now + tolerance - tat) / interval + 1e-9))
+
+
+def retry_after_header(seconds: float) -> str:
+    """`Retry-After` in whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def policy_item(name: str, limit: Limit) -> str:
+    """One `RateLimit-Policy` item (draft-ietf-httpapi-ratelimit-headers-10): `"name";q=…;w=…`."""
+    return f'"{name}";q={limit.burst};w={limit.window}'
+
+
+def limit_item(name: str, verdict: Verdict) -> str:
+    """One `RateLimit` item: `"name";r=<requests left>;t=<whole seconds until one more>`."""
+    return f'"{name}";r={verdict.remaining};t={math.ceil(verdict.retry_after)}'
