@@ -87,7 +87,7 @@ class Gateway:
         self._secret = b""
         self._ring_reload: asyncio.Task[None] | None = None
         self.access = AccessTokens(
-            self.authenticator, store, lambda: self.ring, lambda: self.pipeline.settings.config.signing
+            self.authenticator, store, lambda: self.ring, lambda: self.pipeline.settings
         )
         self.credentials = Credentials(self.authenticator, self.access)
         decider = Decider(self.credentials.authenticate, self.origins)
@@ -164,7 +164,8 @@ class Gateway:
     async def _reload_ring(self) -> None:
         """A signing key was rotated or revoked (here or elsewhere): read the ring again."""
         try:
-            ring = await reload_ring(self.store, self._secret, self.config.signing.token_ttl)
+            ttl = self.pipeline.settings.config.signing.token_ttl
+            ring = await reload_ring(self.store, self._secret, ttl)
         except (StoreUnavailable, ConfigError) as error:
             log.error("could not read the signing keys again; will retry", extra={"error": str(error)})
             await asyncio.sleep(1.0)
@@ -172,6 +173,7 @@ class Gateway:
             return
         self.ring = ring
         self.access.forget()  # a revoked key's tokens must not stay verified
+        self.sockets.on_reload()  # nor the sockets they opened
         log.info("signing keys reloaded", extra={"keys": [key.kid for key in ring.keys]})
 
     def _refresh_origins_soon(self) -> None:
@@ -247,6 +249,7 @@ class Gateway:
             if old != new:
                 log.warning("%s changed: it takes effect only after a restart", what)
         self.pipeline.settings = settings
+        self.access.forget()  # verified with the old issuer, audience and roles graph
         self.sockets.on_reload()
         # A request still on the old version reopens its pool; it closes on the next reload.
         self.upstreams.retain({(r.name, r.upstream, r.max_connections, r.tls) for r in config.routes})

@@ -28,7 +28,7 @@ from cachetools import TTLCache
 
 from gateway import signing, tokens
 from gateway.auth import Authenticator, bearer_token
-from gateway.config import SigningConfig
+from gateway.decision import Settings
 from gateway.errors import Refusal, Unauthenticated
 from gateway.keyring import KeyRing
 from gateway.store import Principal, Store
@@ -64,13 +64,13 @@ class AccessTokens:
         tokens_: Authenticator,
         store: Store,
         ring: Callable[[], KeyRing],
-        config: Callable[[], SigningConfig],
+        settings: Callable[[], Settings],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._tokens = tokens_
         self._store = store
         self._ring = ring
-        self._config = config
+        self._settings = settings
         self._clock = clock
         self._verified: TTLCache[str, _Verified] = TTLCache(_VERIFIED_ENTRIES, _VERIFIED_SECONDS)
 
@@ -86,7 +86,7 @@ class AccessTokens:
         digest = tokens.digest(token)
         entry = self._verified.get(digest)
         if entry is None:
-            config = self._config()
+            config = self._settings().config.signing
             try:
                 claims = signing.verify(
                     token,
@@ -133,8 +133,12 @@ class AccessTokens:
         expires = datetime.fromtimestamp(entry.exp, UTC)
         if key.expires_at is not None and key.expires_at < expires:
             expires = key.expires_at
-        roles = tuple(sorted(set(claims["roles"])))
-        principal = dataclasses.replace(key, token_roles=roles, expires_at=expires)
+        granted = set(claims["roles"])
+        if key.token_roles is not None:
+            # A role the key's own list has lost since the token was minted stays lost, even
+            # when its user gets it back (as for a token's fixed list).
+            granted &= self._settings().table.reachable(key.token_roles)
+        principal = dataclasses.replace(key, token_roles=tuple(sorted(granted)), expires_at=expires)
         entry.key, entry.principal = key, principal
         return principal
 

@@ -233,10 +233,12 @@ class Sockets:
                     socket.end("revoked", _TRY_AGAIN, _GOING_AWAY, "store_unavailable")
                 continue
             now = time.time()
-            due = {s for s in self._open if s.expires_at is not None and s.expires_at <= now}
-            due |= self._unchecked & self._open
+            for socket in list(self._open):
+                if socket.expires_at is not None and socket.expires_at <= now:
+                    # Its credential's expiry has passed: no leeway for an open socket.
+                    socket.end("revoked", _POLICY, _GOING_AWAY, "token_expired")
+            self.recheck(self._unchecked & self._open)
             self._unchecked.clear()
-            self.recheck(due)
 
     def close_all(self) -> None:
         """Shutdown: every open socket gets 1001 now."""
@@ -296,38 +298,10 @@ class WebSocketRelay:
         upstream's answer was not a 101 and went back as plain HTTP)."""
         route = decision.route
         assert route is not None
-        offered = decision.subprotocols
-        key = new_key()
-        _handshake_headers(headers, key, offered)
-        answer = await self._forwarder.handshake(
-            request,
-            route.config,
-            target=target,
-            headers=headers,
-            cors_headers=cors_headers,
-            request_id=request_id,
-            outcome=outcome,
-            limits=limits,
-        )
-        if not isinstance(answer, UpstreamResponse):
-            return answer, None
-        try:
-            chosen = _check_upgrade(answer, key, offered)
-        except UpstreamError:
-            answer.close()
-            raise
-        upstream = UpstreamSocket(answer)
-        client = ClientSocket(chosen)
-        if cors_headers:
-            client.headers.update(cors_headers)
-        client.headers["X-Request-Id"] = request_id
-        try:
-            await client.prepare(request)
-        except BaseException:
-            await upstream.close(_GOING_AWAY)
-            raise
         principal = decision.principal
         expires = principal.expires_at if principal is not None else None
+        # Registered before the handshake goes upstream: a revocation that arrives while the
+        # upstream answers must find this socket too (it then never opens, or closes at once).
         socket = OpenSocket(
             route=route.config.name,
             raw_path=decision.raw_path,
@@ -335,8 +309,43 @@ class WebSocketRelay:
             user=principal.user if principal is not None else None,
             expires_at=expires.timestamp() if expires is not None else None,
         )
-        ended = await self._relay(client, upstream, socket)
+        self.sockets.add(socket)
+        try:
+            offered = decision.subprotocols
+            key = new_key()
+            _handshake_headers(headers, key, offered)
+            answer = await self._forwarder.handshake(
+                request,
+                route.config,
+                target=target,
+                headers=headers,
+                cors_headers=cors_headers,
+                request_id=request_id,
+                outcome=outcome,
+                limits=limits,
+            )
+            if not isinstance(answer, UpstreamResponse):
+                return answer, None
+            try:
+                chosen = _check_upgrade(answer, key, offered)
+            except UpstreamError:
+                answer.close()
+                raise
+            upstream = UpstreamSocket(answer)
+            client = ClientSocket(chosen)
+            if cors_headers:
+                client.headers.update(cors_headers)
+            client.headers["X-Request-Id"] = request_id
+            try:
+                await client.prepare(request)
+            except BaseException:
+                await upstream.close(_GOING_AWAY)
+                raise
+            ended = await self._relay(client, upstream, socket)
+        finally:
+            self.sockets.discard(socket)
         return client, ended
+
 
     async def _relay(self, client: ClientSocket, upstream: UpstreamSocket, socket: OpenSocket) -> Ended:
         started = time.monotonic()
@@ -381,13 +390,15 @@ class WebSocketRelay:
                 else:
                     return "upstream", 1006, ""
 
-        self.sockets.add(socket)
         pumps = [asyncio.create_task(from_client()), asyncio.create_task(from_upstream())]
         socket.pumps = pumps
         error: str | None = None
         try:
             if self.sockets.closing:
                 socket.end("shutdown", _GOING_AWAY, _GOING_AWAY, "shutdown")
+            elif socket.ended is not None:  # revoked (or shut down) while the handshake was upstream
+                for pump in pumps:
+                    pump.cancel()
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             for pump in pumps:
                 pump.cancel()
