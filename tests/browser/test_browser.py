@@ -6,9 +6,7 @@ example a new user copies is the one proven here.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,6 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import Harness
 
-CHROMIUM = "/usr/bin/chromium"
 README = Path(__file__).resolve().parent.parent.parent / "README.md"
 
 
@@ -29,37 +26,6 @@ def readme_page() -> str:
     match = re.search(r"```html\n(.*?)```", section, re.S)
     assert match is not None, "README's browser section has no ```html example"
     return match.group(1)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    missing = None
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        missing = "the playwright package is not installed"
-    if missing is None and not (os.path.exists(CHROMIUM) and shutil.which(CHROMIUM)):
-        missing = f"{CHROMIUM} is missing (apt-get install -y chromium)"
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(missing)
-        pytest.skip(missing)
-    async with async_playwright() as playwright:
-        instance = await playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-            ],
-        )
-        try:
-            yield instance
-        finally:
-            await instance.close()
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,7 +27,6 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from tests.process import GatewayProcess
 
-CHROMIUM = "/usr/bin/chromium"
 USER = "spa"
 
 POLICIES = """
@@ -92,37 +89,6 @@ class Setup:
 
     def ws_url(self, path: str) -> str:
         return f"ws://127.0.0.1:{self.gateway.proxy_port}{path}"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    missing = None
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        missing = "the playwright package is not installed"
-    if missing is None and not (os.path.exists(CHROMIUM) and shutil.which(CHROMIUM)):
-        missing = f"{CHROMIUM} is missing (apt-get install -y chromium)"
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(missing)
-        pytest.skip(missing)
-    async with async_playwright() as playwright:
-        instance = await playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-            ],
-        )
-        try:
-            yield instance
-        finally:
-            await instance.close()
 
 
 @pytest.fixture
