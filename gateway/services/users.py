@@ -128,7 +128,7 @@ class UserOperations(DirectoryBase):
         """Change a user; `roles`/`origins` replace the whole set (PATCH), the others are deltas.
 
         When roles are removed, a token's (and an API key's) fixed roles list loses every role
-        the user then neither holds nor reaches through `includes` (`_strip_token_roles`).
+        the user then neither holds nor reaches through `includes` (`_strip_fixed_roles`).
         Nothing changed: no audit event and no change-feed row.
         """
         add_roles, remove_roles = as_list(add_roles, "roles"), as_list(remove_roles, "roles")
@@ -174,10 +174,9 @@ class UserOperations(DirectoryBase):
                         RoleAssignment.user_id == user.id, RoleAssignment.role.in_(revoked)
                     )
                 )
-                stripped = await self._strip_token_roles(session, user.id, target_roles)
+                stripped, key_stripped = await self._strip_fixed_roles(session, user.id, target_roles)
                 if stripped:
                     detail["token_roles_removed"] = stripped
-                key_stripped = await self._strip_key_roles(session, user.id, target_roles)
                 if key_stripped:
                     detail["key_roles_removed"] = key_stripped
             new_rows = [
@@ -215,52 +214,31 @@ class UserOperations(DirectoryBase):
             kept = [row for role, row in held.items() if role not in revoked]
             return user_view(user, kept + new_rows, target_origins)
 
-    async def _strip_key_roles(
+    async def _strip_fixed_roles(
         self, session: AsyncSession, user_id: int, remaining: set[str]
-    ) -> dict[str, list[str]]:
-        """As `_strip_token_roles`, for the user's API keys; key id → roles dropped."""
-        stripped: dict[str, list[str]] = {}
-        fixed = list(
-            await session.scalars(
-                select(ApiKey).where(ApiKey.user_id == user_id, ApiKey.roles.is_not(None)).order_by(ApiKey.id)
-            )
-        )
-        if not fixed:
-            return stripped
-        reach = self._policies().reachable(remaining)
-        for key in fixed:
-            current = list(key.roles or [])
-            gone = sorted(role for role in set(current) if role not in reach)
-            if gone:
-                key.roles = [role for role in current if role in reach]
-                stripped[key.id] = gone
-        return stripped
+    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Drop from the fixed roles lists of the user's tokens and API keys every role the user
+        no longer holds or reaches through `includes` with `remaining`; (token name → roles
+        dropped, key id → roles dropped).
 
-    async def _strip_token_roles(
-        self, session: AsyncSession, user_id: int, remaining: set[str]
-    ) -> dict[str, list[str]]:
-        """Drop from the fixed roles lists of the user's tokens every role the user no longer
-        holds or reaches through `includes` with `remaining`; token name → roles dropped.
-
-        Dropped for good: granting the role again later does not give it back to the token.
+        Dropped for good: granting the role again later does not give it back to the list.
         """
-        stripped: dict[str, list[str]] = {}
-        fixed = list(
+        tokens = list(
             await session.scalars(
                 select(Token).where(Token.user_id == user_id, Token.roles.is_not(None)).order_by(Token.name)
             )
         )
-        if not fixed:
-            return stripped  # policies/ is not needed (nor loaded, in the CLI)
+        keys = list(
+            await session.scalars(
+                select(ApiKey).where(ApiKey.user_id == user_id, ApiKey.roles.is_not(None)).order_by(ApiKey.id)
+            )
+        )
+        if not tokens and not keys:
+            return {}, {}  # policies/ is not needed (nor loaded, in the CLI)
         reach = self._policies().reachable(remaining)
-        for token in fixed:
-            current = list(token.roles or [])
-            gone = sorted(role for role in set(current) if role not in reach)
-            if gone:
-                # A new list object, so the ORM sees the JSON column change.
-                token.roles = [role for role in current if role in reach]
-                stripped[token.name] = gone
-        return stripped
+        stripped_tokens = {token.name: gone for token in tokens if (gone := _strip(token, reach))}
+        stripped_keys = {key.id: gone for key in keys if (gone := _strip(key, reach))}
+        return stripped_tokens, stripped_keys
 
     async def delete_user(self, name: str, *, actor: str) -> None:
         """Delete a user and its tokens; one user.deleted event lists the tokens that went."""
@@ -279,3 +257,13 @@ class UserOperations(DirectoryBase):
                 detail={"tokens": token_names},
                 user=name,
             )
+
+
+def _strip(row: Token | ApiKey, reach: frozenset[str]) -> list[str]:
+    """Remove from `row`'s fixed roles those outside `reach`; the roles removed, sorted."""
+    current = list(row.roles or [])
+    gone = sorted(role for role in set(current) if role not in reach)
+    if gone:
+        # A new list object, so the ORM sees the JSON column change.
+        row.roles = [role for role in current if role in reach]
+    return gone
