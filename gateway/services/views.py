@@ -97,22 +97,11 @@ class TokenView:
 
     def is_expired(self, now: datetime | None = None) -> bool:
         """True once `now` (default: the current time) has reached `expires_at`."""
-        return self.expires_at is not None and (now or utcnow()) >= self.expires_at
+        return _expired(self.expires_at, now)
 
     def to_json(self, now: datetime | None = None) -> dict[str, object]:
         """The admin API's token object (absent values are null)."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "user": self.user,
-            "description": self.description,
-            "roles": None if self.roles is None else list(self.roles),
-            "expires_at": _time(self.expires_at),
-            "expired": self.is_expired(now),
-            "created_at": _time(self.created_at),
-            "created_by": self.created_by,
-            "last_used_at": _time(self.last_used_at),
-        }
+        return {"id": self.id, "name": self.name, **_credential_json(self, now)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,21 +120,30 @@ class KeyView:
 
     def is_expired(self, now: datetime | None = None) -> bool:
         """True once `now` (default: the current time) has reached `expires_at`."""
-        return self.expires_at is not None and (now or utcnow()) >= self.expires_at
+        return _expired(self.expires_at, now)
 
     def to_json(self, now: datetime | None = None) -> dict[str, object]:
         """The admin API's key object (absent values are null)."""
-        return {
-            "id": self.id,
-            "user": self.user,
-            "description": self.description,
-            "roles": None if self.roles is None else list(self.roles),
-            "expires_at": _time(self.expires_at),
-            "expired": self.is_expired(now),
-            "created_at": _time(self.created_at),
-            "created_by": self.created_by,
-            "last_used_at": _time(self.last_used_at),
-        }
+        return _credential_json(self, now)
+
+
+def _expired(expires_at: datetime | None, now: datetime | None) -> bool:
+    return expires_at is not None and (now or utcnow()) >= expires_at
+
+
+def _credential_json(view: TokenView | KeyView, now: datetime | None) -> dict[str, object]:
+    """The fields tokens and API keys share, as the admin API shows them."""
+    return {
+        "id": view.id,
+        "user": view.user,
+        "description": view.description,
+        "roles": None if view.roles is None else list(view.roles),
+        "expires_at": _time(view.expires_at),
+        "expired": _expired(view.expires_at, now),
+        "created_at": _time(view.created_at),
+        "created_by": view.created_by,
+        "last_used_at": _time(view.last_used_at),
+    }
 
 
 @dataclass(frozen=True, slots=True)
