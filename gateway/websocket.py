@@ -419,8 +419,6 @@ class WebSocketRelay:
                 pump.cancel()
             await upstream.close(_GOING_AWAY)
             raise
-        finally:
-            self.sockets.discard(socket)
         return Ended(
             closed_by=closed_by,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
