@@ -15,7 +15,14 @@ state is one float, so a store can apply it atomically in one step.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+
+_PERIOD_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)?([smh])$")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_MAX_COUNT = 1_000_000_000
+_MAX_PERIOD = 86400.0
+_SPEC_RE = re.compile(r"^([0-9]+)/([^:]+)(?::([0-9]+))?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +42,58 @@ class Limit:
     def window(self) -> int:
         """Whole seconds an idle key takes to earn its whole burst (the header's `w`)."""
         return max(1, math.ceil(self.burst * self.interval))
+
+
+def parse_period(text: str) -> float:
+    """Seconds in a period written as a number with `s`, `m` or `h` (`1s`, `30s`, `1m`, `h`)."""
+    match = _PERIOD_RE.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a period: write a number with s, m or h (1s, 30s, 1m, 1h)")
+    seconds = float(match.group(1) or 1) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not a period: it must be longer than zero")
+    return seconds
+
+
+def format_period(seconds: float) -> str:
+    """The shortest spelling of `seconds` that `parse_period` reads back."""
+    for unit, size in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def make_limit(rate: object, per: object, burst: object = None) -> Limit:
+    """A Limit from its three fields as written (YAML, JSON); ValueError names the bad field."""
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= _MAX_COUNT:
+        raise ValueError(f"rate: must be an integer from 1 to {_MAX_COUNT} per period, not {rate!r}")
+    if not isinstance(per, str):
+        raise ValueError(f"per: must be a period such as 1s, 1m or 1h, not {per!r}")
+    try:
+        seconds = parse_period(per)
+    except ValueError as exc:
+        raise ValueError(f"per: {exc}") from None
+    if seconds > _MAX_PERIOD:
+        raise ValueError(f"per: {per!r} is longer than a day (24h)")
+    if burst is None:
+        burst = rate
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= _MAX_COUNT:
+        raise ValueError(f"burst: must be an integer from 1 to {_MAX_COUNT} at once, not {burst!r}")
+    return Limit(rate=float(rate), per=seconds, burst=burst)
+
+
+def parse_spec(text: str) -> Limit:
+    """`RATE/PERIOD[:BURST]` (`100/1s:200`, `10/1m`) → Limit; the burst defaults to the rate."""
+    match = _SPEC_RE.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a rate limit: write RATE/PERIOD[:BURST], for instance 100/1s:200")
+    rate, per, burst = match.groups()
+    return make_limit(int(rate), per, None if burst is None else int(burst))
+
+
+def format_spec(limit: Limit) -> str:
+    """`RATE/PERIOD:BURST`, as `parse_spec` reads it (how the store keeps a user's override)."""
+    return f"{limit.rate:g}/{format_period(limit.per)}:{limit.burst}"
 
 
 @dataclass(frozen=True, slots=True)

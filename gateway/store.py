@@ -42,6 +42,7 @@ from sqlalchemy.pool import StaticPool
 from gateway.errors import ConfigError, Conflict, StoreUnavailable
 from gateway.models import AllowedOrigin, ApiKey, RoleAssignment, ServiceUser, Token
 from gateway.models import Change as ChangeRow
+from gateway.ratelimit import Limit
 
 __all__ = ["Change", "Principal", "Store", "migrate", "open_store", "translate_errors"]
 
@@ -75,6 +76,8 @@ class Principal:
     with `RouteTable.carried`, never stored or cached here."""
     origins: frozenset[str]
     """The user's allowed origins (normalised)."""
+    rate_limit: Limit | None = None
+    """The user's own rate limit (README "Rate limits"); None = `rate_limits.per_user`."""
 
 
 @dataclass(frozen=True, slots=True)
