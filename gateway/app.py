@@ -26,6 +26,7 @@ from gateway.decision import Decider, Settings, build_settings
 from gateway.errors import ConfigError, Refusal, StoreUnavailable
 from gateway.keyring import SIGNING_CHANGE, KeyRing, open_ring, reload_ring
 from gateway.lifecycle import Lifecycle
+from gateway.limiter import RateLimiter
 from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
 from gateway.logs import flush_access_log, install_redaction
 from gateway.metrics import Metrics
@@ -90,7 +91,9 @@ class Gateway:
             self.authenticator, store, lambda: self.ring, lambda: self.pipeline.settings
         )
         self.credentials = Credentials(self.authenticator, self.access)
-        decider = Decider(self.credentials.authenticate, self.origins)
+        # Counters outlive reloads: each request reads its limits from its own settings.
+        self.limiter = RateLimiter(config.rate_limits, self.metrics)
+        decider = Decider(self.credentials.authenticate, self.origins, self.limiter)
         forwarder = Forwarder(self.upstreams, self.lifecycle)
         # Open WebSockets are decided again when the feed brings a change, on reload and on expiry.
         self.sockets = Sockets(decider, lambda: self.pipeline.settings, self.feed.trusted, self.metrics)
@@ -249,6 +252,7 @@ class Gateway:
             if old != new:
                 log.warning("%s changed: it takes effect only after a restart", what)
         self.pipeline.settings = settings
+        self.limiter.reconfigure(config.rate_limits)
         self.access.forget()  # verified with the old issuer, audience and roles graph
         self.sockets.on_reload()
         # A request still on the old version reopens its pool; it closes on the next reload.
@@ -272,6 +276,7 @@ class Gateway:
         await self._flush_once()
         flush_access_log()
         await self.upstreams.close()
+        await self.limiter.close()
         await self.store.close()
 
 

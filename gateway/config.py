@@ -4,7 +4,7 @@ Imports: errors, yamlfile, sqlalchemy.engine.make_url (parsing only; no engine i
 
 Owns the schema of gateway.yaml (README "Configuration reference"), its defaults, the
 environment overrides (GATEWAY_STORE_URL, GATEWAY_PROXY_LISTEN,
-GATEWAY_ADMIN_LISTEN), and resolving relative paths against the directory of the
+GATEWAY_ADMIN_LISTEN, GATEWAY_RATE_LIMIT_STORE_URL), and resolving relative paths against the directory of the
 config file, so the CLI and the server always open the same store. Validation
 collects all problems before raising one ConfigError, so `gateway check` shows
 everything that is wrong at once. Field meanings are documented at the fields.
@@ -26,6 +26,7 @@ from sqlalchemy.exc import ArgumentError
 
 from gateway.errors import ConfigError
 from gateway.listener_tls import ListenerTls, check_pair
+from gateway.ratelimit import Limit, make_limit
 from gateway.upstream_tls import UpstreamTls
 from gateway.yamlfile import HTTP_TOKEN_RE, LineDict, LineList, Validator, load_yaml_mapping
 
@@ -65,6 +66,7 @@ class RouteConfig:
     tls: UpstreamTls | None = None  # how to talk TLS to an https upstream (None: the defaults)
     websocket: bool = False  # WebSocket handshakes are authorised and relayed (README "WebSocket")
     assertion: bool = False  # forwarded requests carry a signed identity assertion (a JWT)
+    rate_limit: Limit | None = None  # each service user on this route (README "Rate limits")
     source: str = ""  # "file:line" of the route, for messages
 
 
@@ -80,6 +82,17 @@ class SigningConfig:
     # The sealing secret's file when GATEWAY_SECRET_KEY is not set (absolute after load_config);
     # None: gateway.secret beside the config file.
     secret_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """The `rate_limits` block (README "Rate limits"); no limit is set by default."""
+
+    # "memory" (each process counts alone) or a redis:// / rediss:// URL, which may hold a password
+    store: str = field(default="memory", repr=False)
+    on_store_error: str = "allow"  # or "deny": 503 store_unavailable while Redis cannot be reached
+    per_user: Limit | None = None  # each service user, all routes together
+    auth_failures: Limit | None = None  # failed credential checks per client address
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,7 @@ class Config:
     admin_cors_origins: tuple[str, ...] = ()  # origins allowed to call the admin API from a browser
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     log_level: str = "info"
 
 
@@ -263,6 +277,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
             "admin",
             "shutdown",
             "signing",
+            "rate_limits",
             "log_level",
         ),
     )
@@ -313,6 +328,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         timeout=f.number(node, "timeout", "shutdown", _SHUTDOWN.timeout, allow_zero=True),
     )
     signing = _signing(f, f.mapping(root, "signing", "", _SIGNING_KEYS), base)
+    rate_limits = _rate_limits(f, f.mapping(root, "rate_limits", "", _RATE_LIMIT_KEYS), env)
     log_level = (f.string(root, "log_level", "") or "info").lower()
     if log_level not in LOG_LEVELS:
         f.add(root.line_of("log_level"), "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -362,6 +378,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         admin_cors_origins=admin_origins,
         shutdown=shutdown,
         signing=signing,
+        rate_limits=rate_limits,
         log_level=log_level,
     )
 
@@ -501,6 +518,74 @@ def _signing(f: Validator, node: LineDict, base: Path) -> SigningConfig:
     )
 
 
+_RATE_LIMIT_KEYS = ("store", "on_store_error", "per_user", "auth_failures")
+_LIMIT_KEYS = ("rate", "per", "burst")
+_RATE_STORE_HINT = "must be memory, redis://[user:password@]host[:port][/db] or rediss://… (TLS)"
+
+
+def _rate_limits(f: Validator, node: LineDict, env: Mapping[str, str]) -> RateLimitConfig:
+    store = f.string(node, "store", "rate_limits") or "memory"
+    where = "rate_limits.store"
+    problem = rate_store_problem(store)
+    if problem:
+        f.add(node.line_of("store"), where, problem)
+    if env.get("GATEWAY_RATE_LIMIT_STORE_URL"):
+        store = env["GATEWAY_RATE_LIMIT_STORE_URL"]
+        problem = rate_store_problem(store)
+        if problem:
+            f.problems.append(f"GATEWAY_RATE_LIMIT_STORE_URL: {problem}")
+    on_error = f.string(node, "on_store_error", "rate_limits") or "allow"
+    if on_error not in ("allow", "deny"):
+        f.add(node.line_of("on_store_error"), "rate_limits.on_store_error", "must be allow or deny")
+    return RateLimitConfig(
+        store=store,
+        on_store_error=on_error,
+        per_user=_limit(f, node, "per_user", "rate_limits"),
+        auth_failures=_limit(f, node, "auth_failures", "rate_limits"),
+    )
+
+
+def rate_store_problem(text: str) -> str | None:
+    """Why `text` is not a rate-limit store (never quoting it: it may hold a password); None if it is."""
+    if text == "memory":
+        return None
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError:
+        return f"{_RATE_STORE_HINT}; the port is not a number"
+    if url.scheme not in ("redis", "rediss"):
+        return _RATE_STORE_HINT
+    if not url.hostname:
+        return f"{_RATE_STORE_HINT}; the host is missing"
+    if port == 0:
+        return f"{_RATE_STORE_HINT}; port 0 is not a port"
+    database = url.path.strip("/")
+    if database and not database.isdigit():
+        return f"{_RATE_STORE_HINT}; the database is a number, not {database[:20]!r}"
+    if url.query or url.fragment:
+        return f"{_RATE_STORE_HINT}; no query or fragment"
+    return None
+
+
+def _limit(f: Validator, node: LineDict, key: str, where: str) -> Limit | None:
+    """A `{rate, per, burst}` mapping at `key` (None when absent or null)."""
+    if node.get(key) is None:
+        return None
+    item = f.mapping(node, key, where, _LIMIT_KEYS)
+    if not isinstance(node[key], LineDict):
+        return None  # reported by f.mapping
+    path = f"{where}.{key}" if where else key
+    try:
+        return make_limit(item.get("rate"), item.get("per"), item.get("burst"))
+    except ValueError as exc:
+        field_name, _, what = str(exc).partition(": ")
+        line = item.line_of(field_name) if field_name in item else item.line
+        what = "is required" if field_name not in item and field_name != "burst" else what
+        f.add(line, f"{path}.{field_name}", what)
+        return None
+
+
 def _identity(f: Validator, node: LineDict) -> IdentityConfig:
     values: list[str] = []
     seen: dict[str, str] = {}
@@ -535,6 +620,7 @@ _ROUTE_KEYS = (
     "tls",
     "websocket",
     "assertion",
+    "rate_limit",
 )
 _TLS_KEYS = ("ca_file", "cert_file", "key_file", "server_name", "verify")
 
@@ -591,6 +677,7 @@ def _routes(f: Validator, root: LineDict, base: Path) -> tuple[RouteConfig, ...]
                 tls=_tls(f, item, where, upstream, base) if "tls" in item else None,
                 websocket=f.boolean(item, "websocket", where, False),
                 assertion=f.boolean(item, "assertion", where, False),
+                rate_limit=_limit(f, item, "rate_limit", where),
                 source=f"{f.file}:{line}",
             )
         )

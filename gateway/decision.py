@@ -15,9 +15,14 @@ explain (prints why) all call `Decider.decide`, so the order below exists exactl
 4 RULE        first matching rule; public: skip to 7
 5 CREDENTIAL  bearer → Principal (cache, then store)       → 401 …; 503 store_unavailable
               (a WebSocket handshake: checked, and its bearer.<credential> subprotocol → 400)
+  (before it: the client address over `auth_failures`      → 429 rate_limited; a 401 counts one)
 6 PERMISSION  the rule's permission, from carried roles    → 403 forbidden (also: no rule)
 7 ORIGIN      Origin allowed for this user on this route   → 403 origin_not_allowed
+8 LIMIT       the user's and the route's rate limits       → 429 rate_limited (public rules: none)
 ```
+
+Only requests that `count` (the proxy and forward-auth) meet the rate limits: explain and
+the re-check of an open WebSocket never consume from them.
 
 The hot path pays for one small object per request: a `Decision` records what each step
 found and the last step it reached, and `gateway.explain` turns that into a trace only
@@ -40,12 +45,16 @@ from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
     OriginNotAllowed,
+    Refusal,
     RouteNotFound,
+    Unauthenticated,
 )
 from gateway.handshake import check_handshake, is_handshake, subprotocol_credential
 from gateway.headers import HeaderPolicy
+from gateway.limiter import RateLimiter
 from gateway.paths import canonicalize
 from gateway.policy import RoutePolicy, RouteTable, Rule, load_route_table
+from gateway.ratelimit import RateHeaders
 from gateway.store import Principal
 
 # TRACE echoes the request (credentials included) back; CONNECT opens a tunnel past every rule.
@@ -97,7 +106,7 @@ class Decision:
     """What the steps found for one request; `error` is None when it may pass.
 
     `stage` is the last step reached ("method", "route", "path", "preflight", "rule",
-    "credential", "permission", "origin", then "allowed"): with `error` it says which step refused.
+    "credential", "permission", "origin", "limit", then "allowed"): with `error` it says which step refused.
     """
 
     # Class-level defaults, no __slots__: a request sets only the fields its steps reach, and
@@ -115,6 +124,7 @@ class Decision:
     preflight: dict[str, str] | None = None  # a CORS preflight's answer headers
     websocket = False  # a WebSocket handshake on a `websocket: true` route
     subprotocols: tuple[str, ...] = ()  # what it offers, bearer entry removed
+    rate_headers: RateHeaders = ()  # RateLimit-Policy and RateLimit for the answer
     error: GatewayError | None = None
 
     def __init__(self, method: str, raw_path: str) -> None:
@@ -144,19 +154,31 @@ class Decision:
 class Decider:
     """Runs the decision for one process: the credential step and the live allowed origins."""
 
-    __slots__ = ("authenticate", "origins")
+    __slots__ = ("authenticate", "origins", "limiter")
 
-    def __init__(self, authenticate: Authenticate, origins: OriginIndex) -> None:
+    def __init__(
+        self, authenticate: Authenticate, origins: OriginIndex, limiter: RateLimiter | None = None
+    ) -> None:
         self.authenticate = authenticate
         self.origins = origins
+        self.limiter = limiter
 
     async def decide(
-        self, settings: Settings, method: str, raw_path: str, headers: Headers, *, preflight: bool = False
+        self,
+        settings: Settings,
+        method: str,
+        raw_path: str,
+        headers: Headers,
+        *,
+        preflight: bool = False,
+        count: bool = False,
+        peer: str | None = None,
     ) -> Decision:
         """Decide `method raw_path` (the path without its query) with the request's `headers`.
 
         Never raises a GatewayError: a refusal is `Decision.error`. With `preflight`, a CORS
-        preflight on a cors route is answered (`Decision.preflight`) instead of decided.
+        preflight on a cors route is answered (`Decision.preflight`) instead of decided. With
+        `count`, the rate limits apply (`peer`: the connection's address).
         """
         decision = Decision(method, raw_path)
         try:
@@ -200,7 +222,13 @@ class Decider:
                 decision.websocket = True
             if rule is None or not rule.public:
                 decision.stage = "credential"
-                principal = await self.authenticate(authorization)
+                limiter = self.limiter if count else None
+                if limiter is not None and settings.config.rate_limits.auth_failures is not None:
+                    principal = await self.authenticate_limited(
+                        limiter, settings, authorization, headers, peer
+                    )
+                else:
+                    principal = await self.authenticate(authorization)
                 decision.principal = principal
                 decision.stage = "permission"
                 roles = table.carried(principal.token_roles, principal.user_roles)
@@ -212,10 +240,38 @@ class Decider:
             if decision.has_origin:
                 decision.stage = "origin"
                 self.check_origin(decision)
+            user = decision.principal
+            if count and user is not None and self.limiter is not None:
+                limits = settings.config.rate_limits
+                route_limit = route.config.rate_limit
+                if limits.per_user is not None or route_limit is not None or user.rate_limit is not None:
+                    decision.stage = "limit"
+                    name = route.config.name
+                    decision.rate_headers = await self.limiter.admit(limits, user, name, route_limit)
             decision.stage = "allowed"
         except GatewayError as error:
             decision.error = error
         return decision
+
+    async def authenticate_limited(
+        self,
+        limiter: RateLimiter,
+        settings: Settings,
+        authorization: list[str],
+        headers: Headers,
+        peer: str | None,
+    ) -> Principal:
+        """The credential step under `auth_failures`: a blocked address is refused before its
+        credential is looked at (so guessing cannot reach the store), and a 401 counts one."""
+        limits = settings.config.rate_limits
+        address = settings.headers.client_address(headers, peer)
+        await limiter.check_address(limits, address)
+        try:
+            return await self.authenticate(authorization)
+        except Unauthenticated as error:
+            if error.refusal is not Refusal.MISSING_TOKEN:  # no credential, nothing guessed
+                error.extra_headers = await limiter.failed(limits, address)
+            raise
 
     def check_origin(self, decision: Decision) -> None:
         """Refuse unless the request's origin is allowed for its user (or, public, on its route)."""

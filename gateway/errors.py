@@ -17,6 +17,7 @@ GatewayError                      500 internal_error
 ├─ Invalid                        422 invalid (+ field)      admin bodies, CLI arguments
 ├─ NotFound                       404 not_found              admin resources, CLI
 ├─ Conflict                       409 conflict
+├─ RateLimited                    429 rate_limited (+ Retry-After, RateLimit-Policy, RateLimit)
 ├─ StoreUnavailable               503 store_unavailable
 ├─ Overloaded                     503 overloaded             a per-process capacity limit is reached
 ├─ UpstreamError                  502 upstream_unavailable
@@ -57,6 +58,7 @@ class Refusal(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     REQUEST_TIMEOUT = "request_timeout"
     OVERLOADED = "overloaded"
+    RATE_LIMITED = "rate_limited"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -65,6 +67,8 @@ class GatewayError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[Refusal] = Refusal.INTERNAL_ERROR
+    # Header lines a step added to this refusal (rate limits: RateLimit-Policy, RateLimit, Retry-After).
+    extra_headers: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -195,6 +199,17 @@ class Conflict(GatewayError):
     code = Refusal.CONFLICT
 
 
+class RateLimited(GatewayError):
+    """A rate limit is reached (README "Rate limits"); the request consumed nothing."""
+
+    status = 429
+    code = Refusal.RATE_LIMITED
+
+    def __init__(self, message: str, headers: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(message)
+        self.extra_headers = headers
+
+
 class StoreUnavailable(GatewayError):
     """The store cannot be reached and the answer is not in the cache."""
 
@@ -232,6 +247,7 @@ def refusal(error: GatewayError, request_id: str) -> web.Response:
     if isinstance(error, Invalid):
         body["field"] = error.field
     headers = error.headers()
+    headers.update(error.extra_headers)
     headers["X-Request-Id"] = request_id
     return web.json_response(body, status=error.status, headers=headers)
 

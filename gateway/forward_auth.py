@@ -71,7 +71,9 @@ class ForwardAuth:
             nginx = "X-Original-Method" in headers or "X-Original-URI" in headers
             subject = _subject(request, parts[3] if len(parts) > 3 else None)
             _refuse_identity(request, settings)
-            decision = await self._decider.decide(settings, subject.method, subject.raw_path, headers)
+            decision = await self._decider.decide(
+                settings, subject.method, subject.raw_path, headers, count=True, peer=request.remote
+            )
             if decision.error is not None:
                 raise decision.error
         except GatewayError as error:
@@ -88,6 +90,7 @@ class ForwardAuth:
                 subject.raw_path if subject else raw_path,
             )
         identity_headers = {"X-Request-Id": request_id, "Cache-Control": "no-store"}
+        identity_headers.update(decision.rate_headers)
         identity = decision.identity()
         if identity is not None:
             names = settings.config.identity

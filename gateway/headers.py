@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from gateway.config import IdentityConfig
 from gateway.handshake import without_bearer
@@ -143,6 +143,30 @@ class HeaderPolicy:
             if len(self._trusted_cache) < 4096:
                 self._trusted_cache[peer] = known
         return known
+
+    def client_address(self, inbound: CIMultiDictProxy[str] | MultiMapping[str], peer: str | None) -> str:
+        """The client a request comes from, for per-address limits (README "Rate limits").
+
+        The peer itself, unless it is a trusted proxy: then the right-most `X-Forwarded-For`
+        entry that is not one (entries left of it are whatever the client wrote). IPv6 clients
+        count per /64, the block one host is usually given.
+        """
+        client = peer or "unknown"
+        if self.is_trusted(peer) and "X-Forwarded-For" in inbound:
+            entries = ",".join(inbound.getall("X-Forwarded-For")).split(",")
+            for entry in reversed(entries):
+                client = entry.strip()[:64] or "unknown"
+                if not self.is_trusted(client):
+                    break
+        if ":" not in client:
+            return client
+        try:
+            address = IPv6Address(client.strip("[]"))
+        except ValueError:
+            return client
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)  # one IPv4 client, not a /64 shared by all of them
+        return str(IPv6Network((int(address) >> 64 << 64, 64)))
 
     def upstream_headers(
         self,

@@ -83,6 +83,17 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused by a rate limit (429), by route.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.rate_limit_store_errors = Counter(
+            "gateway_rate_limit_store_errors",
+            "Requests whose rate limits could not be checked because the store failed or was down.",
+            registry=self.registry,
+        )
         self.websockets_open = Gauge(
             "gateway_websockets_open",
             "WebSockets being relayed, by route.",

@@ -84,7 +84,9 @@ class Pipeline:
         try:
             if "Transfer-Encoding" in headers:
                 refuse_transfer_codings(request)
-            decision = await self.decider.decide(settings, request.method, raw_path, headers, preflight=True)
+            decision = await self.decider.decide(
+                settings, request.method, raw_path, headers, preflight=True, count=True, peer=request.remote
+            )
             error = decision.error
             if error is not None:
                 raise error
@@ -125,6 +127,7 @@ class Pipeline:
                 headers=upstream_headers,
                 body_limit=body_limit,
                 cors_headers=cors.response_headers(decision.origin) if cors is not None else None,
+                rate_headers=decision.rate_headers,
                 request_id=request_id,
                 outcome=outcome,
                 limits=settings.config.client,
@@ -278,6 +281,8 @@ class Pipeline:
         counter.inc()
         if error is not None:
             metrics.refusals.labels(error.value).inc()
+            if error is Refusal.RATE_LIMITED:
+                metrics.rate_limited.labels(route_name or "").inc()
         if outcome.upstream_seconds is not None and route_name is not None:
             metrics.upstream_latency.labels(route_name).observe(outcome.upstream_seconds)
         code = error.value if error is not None else outcome.error

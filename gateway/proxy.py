@@ -26,6 +26,7 @@ from gateway.config import ClientLimits, RouteConfig
 from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from gateway.headers import merge_vary, response_headers
 from gateway.lifecycle import Lifecycle
+from gateway.ratelimit import RateHeaders
 from gateway.upstream import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("gateway.proxy")
@@ -64,11 +65,13 @@ class Forwarder:
         headers: CIMultiDict[str],
         body_limit: int,
         cors_headers: dict[str, str] | None,
+        rate_headers: RateHeaders = (),
         request_id: str,
         outcome: Outcome,
         limits: ClientLimits,
     ) -> web.StreamResponse:
-        """Forward `request` to `route`'s upstream at `upstream_path` (already encoded)."""
+        """Forward `request` to `route`'s upstream at `upstream_path` (already encoded);
+        `rate_headers` are appended to the upstream's answer (after any of its own)."""
         target = upstream_path + "?" + query if query else upstream_path
         stream, length = _request_body(request, body_limit)
         body: StreamReader | bytes | None = stream
@@ -93,7 +96,7 @@ class Forwarder:
         outcome.upstream_seconds = time.perf_counter() - sent
         try:
             return await self._relay(
-                request, upstream, cors_headers, request_id, outcome, limits.send_timeout
+                request, upstream, cors_headers, request_id, outcome, limits.send_timeout, rate_headers
             )
         finally:
             upstream.release()
@@ -144,10 +147,13 @@ class Forwarder:
         request_id: str,
         outcome: Outcome,
         send_timeout: float,
+        rate_headers: RateHeaders = (),
     ) -> web.StreamResponse:
         headers = response_headers(
             upstream.headers, drop_cors=cors_headers is not None, request_id=request_id
         )
+        for name, value in rate_headers:
+            headers.add(name, value)
         if cors_headers:
             for name, value in cors_headers.items():
                 if name == "Vary" and "Vary" in headers:

@@ -18,6 +18,9 @@ import math
 import re
 from dataclasses import dataclass
 
+RateHeaders = tuple[tuple[str, str], ...]
+"""`RateLimit-Policy` and `RateLimit` (and on a refusal `Retry-After`) header lines for one answer."""
+
 _PERIOD_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)?([smh])$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _MAX_COUNT = 1_000_000_000

@@ -1,0 +1,307 @@
+"""Rate limits at run time: where the counters live and the checks the decision runs.
+
+Imports: ratelimit (the GCRA), config, errors, metrics; `redis` only for a redis:// store.
+
+Two stores keep each key's GCRA state (README "Rate limits"): `MemoryStore`, one
+process's dict (each process counts alone), and `RedisStore`, one Lua script per request
+that decides every key of the request at once on the Redis server's clock, so every
+instance and worker shares one counter per key. Either way a request is checked against
+all its keys together and consumes from none unless all admit it.
+
+`RateLimiter` lives on the Gateway (it outlives reloads: counters are keyed by user,
+route and address, never by the limit, so a reload that changes a limit keeps them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from gateway.config import RateLimitConfig
+from gateway.errors import RateLimited, StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.ratelimit import Limit, RateHeaders, Verdict, decide, limit_item, policy_item, retry_after_header
+from gateway.store import Principal
+
+log = logging.getLogger("gateway.limiter")
+
+STORE_TIMEOUT = 0.25  # seconds a request waits for Redis before on_store_error decides
+_RETRY_DOWN = 0.5  # seconds between attempts while Redis is down (requests meanwhile skip it)
+KEY_PREFIX = "gateway:rl:"
+
+
+class Check(NamedTuple):
+    """One limit a request is checked against: its policy name in the headers, key and limit."""
+
+    policy: str  # "user", "route" or "auth"
+    key: str
+    limit: Limit
+
+
+class StoreFailed(Exception):
+    """The rate-limit store could not answer in time (the message never holds the URL)."""
+
+
+class LimitStore(Protocol):
+    """Keeps the GCRA state of every key; `apply` is atomic across the keys of one call."""
+
+    async def apply(self, checks: Sequence[Check], consume: bool) -> list[Verdict]:
+        """Each check's verdict; with `consume`, commit all of them only if all are allowed."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class MemoryStore:
+    """One process's counters: a dict of theoretical arrival times on the monotonic clock."""
+
+    def __init__(self) -> None:
+        self._tats: dict[str, float] = {}
+        self._sweep_at = 4096  # size at which idle keys are dropped (doubles with what stays)
+
+    async def apply(self, checks: Sequence[Check], consume: bool) -> list[Verdict]:
+        """Each check's verdict; one event-loop step, so atomic without a lock."""
+        return self.apply_now(checks, consume, time.monotonic())
+
+    def apply_now(self, checks: Sequence[Check], consume: bool, now: float) -> list[Verdict]:
+        """`apply` at `now` (seconds on the monotonic clock)."""
+        tats = self._tats
+        verdicts = [decide(check.limit, tats.get(check.key), now) for check in checks]
+        if consume and all(verdict.allowed for verdict in verdicts):
+            for check, verdict in zip(checks, verdicts, strict=True):
+                tats[check.key] = verdict.tat
+            if len(tats) >= self._sweep_at:
+                self._sweep(now)
+        return verdicts
+
+    def _sweep(self, now: float) -> None:
+        # A key whose TAT has passed is the same as a key never seen: drop it.
+        self._tats = {key: tat for key, tat in self._tats.items() if tat > now}
+        self._sweep_at = max(4096, 2 * len(self._tats))
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+# KEYS: the keys. ARGV[1]: 1 to consume, 0 to look only; then per key its emission interval
+# and burst tolerance in microseconds. The same GCRA as gateway.ratelimit.decide, on the
+# server's clock so every instance agrees. Returns per key: allowed (0/1), requests left,
+# microseconds until one more.
+_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out, tats, all = {}, {}, true
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i])
+  local tolerance = tonumber(ARGV[2 * i + 1])
+  local stored = redis.call('GET', KEYS[i])
+  local tat = now
+  if stored then tat = math.max(tonumber(stored), now) end
+  local new_tat = tat + interval
+  local allowed_from = new_tat - tolerance
+  if now < allowed_from then
+    all = false
+    out[#out + 1] = 0
+    out[#out + 1] = math.max(0, math.floor((now + tolerance - tat) / interval))
+    out[#out + 1] = allowed_from - now
+  else
+    local left = math.max(0, math.floor((now + tolerance - new_tat) / interval))
+    local wait = 0
+    if left == 0 then wait = math.max(0, new_tat - tolerance + interval - now) end
+    out[#out + 1] = 1
+    out[#out + 1] = left
+    out[#out + 1] = wait
+  end
+  tats[i] = new_tat
+end
+if ARGV[1] == '1' and all then
+  for i = 1, #KEYS do
+    redis.call('SET', KEYS[i], string.format('%d', tats[i]), 'PX', math.ceil((tats[i] - now) / 1000) + 1)
+  end
+end
+return out
+"""
+
+
+class RedisStore:
+    """Counters shared through Redis: one script call (one round trip) per request."""
+
+    def __init__(self, url: str, *, timeout: float = STORE_TIMEOUT) -> None:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # No retries inside the client: the caller's bound is the whole wait.
+        self._client: Any = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=256,
+        )
+        self._script = self._client.register_script(_SCRIPT)
+        self._timeout = timeout
+
+    async def apply(self, checks: Sequence[Check], consume: bool) -> list[Verdict]:
+        """Each check's verdict, decided and (with `consume`) committed on the server in one step."""
+        from redis.exceptions import RedisError
+
+        args: list[int] = [1 if consume else 0]
+        for check in checks:
+            interval = check.limit.interval
+            args.append(round(interval * 1_000_000))
+            args.append(round(interval * check.limit.burst * 1_000_000))
+        try:
+            async with asyncio.timeout(self._timeout):
+                raw = await self._script(keys=[KEY_PREFIX + check.key for check in checks], args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreFailed(type(exc).__name__) from exc
+        verdicts = []
+        for index in range(0, len(raw), 3):
+            allowed, left, wait = raw[index], raw[index + 1], raw[index + 2]
+            # The TAT stays on the server; the verdict carries what the headers need.
+            verdicts.append(Verdict(bool(allowed), int(left), int(wait) / 1_000_000, 0.0))
+        return verdicts
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+def display_url(url: str) -> str:
+    """`url` with its password replaced by `***`, for logs."""
+    if url == "memory":
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def open_limit_store(url: str) -> LimitStore:
+    """The store a `rate_limits.store` value names (already validated by the config)."""
+    return MemoryStore() if url == "memory" else RedisStore(url)
+
+
+class RateLimiter:
+    """The rate-limit steps of the decision (README "Rate limits"), on one store per process."""
+
+    def __init__(self, config: RateLimitConfig, metrics: Metrics) -> None:
+        self.url = config.store
+        self.store = open_limit_store(config.store)
+        self._metrics = metrics
+        self._down = False  # the store failed and has not answered since
+        self._retry_at = 0.0  # monotonic time of the next attempt while down
+
+    async def check_address(self, config: RateLimitConfig, address: str) -> None:
+        """Refuse (429) a client address over `auth_failures`, before its credential is looked at."""
+        limit = config.auth_failures
+        if limit is None:
+            return
+        check = Check("auth", "a:" + address, limit)
+        verdicts = await self._apply(config, (check,), consume=False)
+        if verdicts is not None and not verdicts[0].allowed:
+            raise RateLimited(
+                "too many failed credential checks from this address; try again later",
+                self._headers((check,), verdicts, refused=verdicts[0]),
+            )
+
+    async def failed(self, config: RateLimitConfig, address: str) -> RateHeaders:
+        """Count one failed credential check of `address`; the headers for its refusal."""
+        limit = config.auth_failures
+        if limit is None:
+            return ()
+        check = Check("auth", "a:" + address, limit)
+        verdicts = await self._apply(config, (check,), consume=True, failing=True)
+        return () if verdicts is None else self._headers((check,), verdicts)
+
+    async def admit(
+        self, config: RateLimitConfig, principal: Principal, route: str, route_limit: Limit | None
+    ) -> RateHeaders:
+        """Count one request of `principal` on `route`, or refuse it (429) consuming nothing."""
+        user_limit = principal.rate_limit or config.per_user
+        if user_limit is None and route_limit is None:
+            return ()
+        user = principal.user
+        checks: tuple[Check, ...] = ()
+        if user_limit is not None:
+            checks = (Check("user", "u:" + user, user_limit),)
+        if route_limit is not None:
+            checks += (Check("route", f"r:{route}:{user}", route_limit),)
+        verdicts = await self._apply(config, checks, consume=True)
+        if verdicts is None:
+            return ()
+        refused = [verdict for verdict in verdicts if not verdict.allowed]
+        if refused:
+            worst = max(refused, key=lambda verdict: verdict.retry_after)
+            raise RateLimited(
+                "rate limit reached; try again later", self._headers(checks, verdicts, refused=worst)
+            )
+        return self._headers(checks, verdicts)
+
+    async def _apply(
+        self, config: RateLimitConfig, checks: Sequence[Check], *, consume: bool, failing: bool = False
+    ) -> list[Verdict] | None:
+        """The store's verdicts; None when it failed and `on_store_error: allow` lets the request on."""
+        now = time.monotonic()
+        try:
+            if self._down and now < self._retry_at:
+                raise StoreFailed("still down")
+            verdicts = await self.store.apply(checks, consume)
+        except StoreFailed as exc:
+            self._metrics.rate_limit_store_errors.inc()
+            if not self._down:
+                self._down = True
+                log.error(
+                    "rate-limit store unreachable; requests are %s until it answers",
+                    "allowed" if config.on_store_error == "allow" else "refused",
+                    extra={"store": display_url(self.url), "error": str(exc)},
+                )
+            if self._retry_at <= now:
+                self._retry_at = now + _RETRY_DOWN
+            if config.on_store_error == "allow" or failing:
+                return None  # a failure is refused anyway (401); only its counting is lost
+            raise StoreUnavailable("the rate-limit store cannot be reached") from exc
+        if self._down:
+            self._down = False
+            log.warning("rate-limit store reachable again", extra={"store": display_url(self.url)})
+        return verdicts
+
+    def _headers(
+        self, checks: Sequence[Check], verdicts: Sequence[Verdict], *, refused: Verdict | None = None
+    ) -> RateHeaders:
+        policy = ", ".join(policy_item(check.policy, check.limit) for check in checks)
+        if refused is not None:
+            # Nothing was consumed: a key that would have admitted still has this request's share.
+            verdicts = [
+                replace(v, remaining=v.remaining + 1, retry_after=0.0) if v.allowed else v for v in verdicts
+            ]
+        state = ", ".join(
+            limit_item(check.policy, verdict) for check, verdict in zip(checks, verdicts, strict=True)
+        )
+        headers: RateHeaders = (("RateLimit-Policy", policy), ("RateLimit", state))
+        if refused is not None:
+            headers += (("Retry-After", retry_after_header(refused.retry_after)),)
+        return headers
+
+    def reconfigure(self, config: RateLimitConfig) -> None:
+        """A reload: the limits come with each request's settings; the store stays until a restart."""
+        if config.store != self.url:
+            log.warning("rate_limits.store changed: it takes effect only after a restart")
+
+    async def close(self) -> None:
+        """Close the store's connections."""
+        await self.store.close()
+
