@@ -102,7 +102,9 @@ class Gateway:
             decider,
             forwarder,
             WebSocketRelay(forwarder, self.sockets),
-            TokenEndpoint(self.authenticator, store, lambda: self.ring, self.key_use, self.metrics),
+            TokenEndpoint(
+                self.authenticator, store, lambda: self.ring, self.key_use, self.metrics, self.limiter
+            ),
             Assertions(lambda: self.ring),
             self.metrics,
             self.origins,

@@ -27,6 +27,7 @@ from gateway.decision import Settings
 from gateway.errors import GatewayError, OAuthError, Refusal, StoreUnavailable, Unauthenticated, refusal
 from gateway.exchange import MAX_BODY, parse_token_request
 from gateway.keyring import KeyRing
+from gateway.limiter import RateLimiter
 from gateway.metrics import Metrics
 from gateway.store import Store
 
@@ -56,9 +57,11 @@ class TokenEndpoint:
         ring: Callable[[], KeyRing],
         key_use: LastUsed,
         metrics: Metrics,
+        limiter: RateLimiter,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._tokens = tokens_
+        self._limiter = limiter
         self._store = store
         self._ring = ring
         self._key_use = key_use
@@ -81,7 +84,13 @@ class TokenEndpoint:
         """POST /.gateway/token: an access token for a valid API key, or the RFC's refusal."""
         if request.method != "POST":
             return Answer(_method_not_allowed("POST"), Refusal.METHOD_NOT_ALLOWED)
+        limits = settings.config.rate_limits
+        address = None
         try:
+            if limits.auth_failures is not None:
+                # A wrong secret is a failed credential check like a bad bearer (README "Rate limits").
+                address = settings.headers.client_address(request.headers, request.remote)
+                await self._limiter.check_address(limits, address)
             body = await _read_body(request, settings.config.client.body_timeout)
             asked = parse_token_request(
                 query=query,
@@ -92,6 +101,8 @@ class TokenEndpoint:
             return await self._mint(settings, asked.key_id, asked.secret, asked.scope)
         except OAuthError as error:
             self._exchanges.labels(error.error).inc()
+            if address is not None and error.error == "invalid_client":
+                error.extra_headers = await self._limiter.failed(limits, address)
             return Answer(_oauth_response(error), error.refusal)
         except GatewayError as error:  # the store is unreachable (503), a body that timed out (408)
             self._exchanges.labels(error.refusal.value).inc()
@@ -172,7 +183,9 @@ async def _read_body(request: web.BaseRequest, timeout: float) -> bytes:
 
 
 def _oauth_response(error: OAuthError) -> web.Response:
-    return web.json_response(error.body(), status=error.status_code, headers=error.headers())
+    headers = error.headers()
+    headers.update(error.extra_headers)
+    return web.json_response(error.body(), status=error.status_code, headers=headers)
 
 
 def _method_not_allowed(allowed: str) -> web.Response:
