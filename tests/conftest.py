@@ -51,6 +51,39 @@ def pg_unavailable(reason: str) -> None:
     pytest.skip(message)
 
 
+REDIS_HOST = "127.0.0.1:6379"
+# One database of its own per test run (tests of one run go one at a time); another run beside
+# this one sets GATEWAY_TEST_REDIS_DB to another number.
+REDIS_DATABASE = int(os.environ.get("GATEWAY_TEST_REDIS_DB", "15"))
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """A redis:// URL of a database of the real Redis, empty before and after the test.
+
+    Missing Redis fails under CI (the shared counters are a real-part feature), skips elsewhere.
+    """
+    import redis.asyncio as redis_client
+    from redis.exceptions import RedisError
+
+    url = f"redis://{REDIS_HOST}/{REDIS_DATABASE}"
+    client = redis_client.Redis.from_url(url, socket_timeout=5)
+    try:
+        await client.flushdb()
+    except (RedisError, OSError) as exc:
+        await client.aclose()
+        message = f"Redis at {REDIS_HOST} is needed: {type(exc).__name__}: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield url
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await client.flushdb()
+        await client.aclose()
+
+
 async def create_pg_database() -> str:
     """Create a new, empty database on the real PostgreSQL; return its SQLAlchemy URL."""
     name = "gw_" + secrets.token_hex(6)
