@@ -121,13 +121,21 @@ TLS_ADDED_BUDGET_US = 50.0
 SIGNED_VARIANTS = (
     ("gw-jwt", "JWT credential ≥ 0.85 × the token path (same rounds)", 0.85),
     ("gw-assertion", "assertion: true ≥ 0.80 × without (same rounds)", 0.80),
+    # Issue 13's aims: a memory rate limit within 5 %, a Redis one within 25 % of the plain path.
+    ("gw-rl-memory", "rate limits in memory ≥ 0.95 × without (same rounds)", 0.95),
+    ("gw-rl-redis", "rate limits on Redis ≥ 0.75 × without (same rounds)", 0.75),
 )
 
 
 def signed_variant_line(results: Results, key: str) -> str:
     """'(j)/(c) JWT vs token: …' or '(k)/(c) assertion vs no assertion: …': the req/s ratio,
     the CPU µs/req difference (N connections) and the p50 difference at 1 connection."""
-    what = {"gw-jwt": "(j)/(c) JWT vs token", "gw-assertion": "(k)/(c) assertion vs no assertion"}[key]
+    what = {
+        "gw-jwt": "(j)/(c) JWT vs token",
+        "gw-assertion": "(k)/(c) assertion vs no assertion",
+        "gw-rl-memory": "(l)/(c) rate limits in memory vs none",
+        "gw-rl-redis": "(m)/(c) rate limits on Redis vs none",
+    }[key]
     cpu = cpu_gap_us(results.runs, key, "gw-sqlite")
     c50, base = _c50(results.runs, key), _c50(results.runs, "gw-sqlite")
     per_req = (
@@ -503,6 +511,14 @@ def render(results: Results, previous: Path) -> str:
         "secret (c)'s first start wrote). A check before the load verifies, through the upstream "
         "(which echoes the header on `/bench/assertion` only), that (k)'s assertion verifies "
         "against the gateway's JWKS and names user, method and path, and that (c) sends none."
+    )
+    add(
+        "- Rate limits, beside (c) SQLite in the same rounds: (l) and (m) are two more `gateway serve` "
+        "processes on (c)'s store and token whose configs add `rate_limits` with `per_user`, "
+        "`auth_failures` and the `bench` route's `rate_limit`, each at 1,000,000 per second (so every "
+        "check runs and none refuses): (l) on the memory store, (m) on the real Redis "
+        "(127.0.0.1:6379, database 3). Per request that is an address check before the credential "
+        "and the user + route check after it: two Redis round trips for (m)."
     )
     add(
         "- Before each load a request checks the 98-byte body and, through (c), (d), (j) and (k), "

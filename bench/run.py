@@ -76,6 +76,25 @@ QUIET = 0.25  # machine CPU use (both cores) under which a measurement may start
 # An access token is exchanged again when less than this many seconds of it remain, so that
 # a long run (--duration, --rounds) never measures (j) with an expired JWT.
 TOKEN_MARGIN = 300.0
+BENCH_REDIS = "redis://127.0.0.1:6379/3"
+
+
+def redis_ready(url: str) -> bool:
+    """Whether Redis answers at `url`; its database is emptied for the run."""
+    from gateway.redis_client import RedisClient, RedisFailure
+
+    async def flush() -> None:
+        client = RedisClient(url, timeout=2.0)
+        try:
+            await client.call("FLUSHDB")
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(flush())
+    except RedisFailure:
+        return False
+    return True
 
 
 @dataclass
@@ -527,6 +546,7 @@ class Bench:
                 if store == "sqlite":
                     self.check_assertion(gateway, setup.token, expected=False)
                     self.signed_credentials(setup, gateway, started, add)
+                    self.rate_limited(setup, started, add)
             sqlite_setup = self.setup("sqlite")
             assert sqlite_setup is not None
             for key, label, client in (
@@ -543,7 +563,8 @@ class Bench:
                 started.append(bare)
                 self.command(f"BENCH_BARE_TOKENS=$TOKEN=bench {bare.proc.command}")
                 add(ServerRun(key, label), bare, sqlite_setup.token, True)
-            for key in ("gw-jwt", "gw-assertion"):  # listed after (e), in letter order
+            # Listed after (e), in letter order.
+            for key in ("gw-jwt", "gw-assertion", "gw-rl-memory", "gw-rl-redis"):
                 if key in results.runs:
                     results.runs[key] = results.runs.pop(key)
             for round_no in range(self.options.rounds):
@@ -624,6 +645,33 @@ class Bench:
             setup.token,
             True,
         )
+
+    def rate_limited(self, setup: GatewaySetup, started: list[Server], add: Callable[..., None]) -> None:
+        """(l) and (m): two more processes on (c) SQLite's store and token whose configs add
+        `rate_limits` (per_user, auth_failures and the route's limit, far above any rate
+        reached) on the memory store and on the real Redis (database 3, emptied first)."""
+        results = self.results
+        for key, label, store in (
+            ("gw-rl-memory", "(l) gateway, SQLite, rate limits in memory", "memory"),
+            ("gw-rl-redis", "(m) gateway, SQLite, rate limits on Redis", BENCH_REDIS),
+        ):
+            if store != "memory" and not redis_ready(store):
+                results.runs[key] = ServerRun(key, label, note=f"not measured: Redis at {store} unreachable")
+                continue
+            limited = write_gateway_config(
+                self.work / key,
+                setup.store_url,
+                f"http://{LOOPBACK}:{self.upstream_port}",
+                f"http://{LOOPBACK}:{self.stream_port}",
+                secret_key_file=setup.directory / "gateway.secret",
+                rate_limit_store=store,
+            )
+            limited.token = setup.token
+            results.configs[f"{key}/gateway.yaml"] = limited.config.read_text()
+            server = start_gateway(self.procs, limited, SUT_CPUS, key)
+            started.append(server)
+            self.command(shown(server.proc.argv, setup.token) + f"  2> {server.proc.log_path.name}")
+            add(ServerRun(key, label, note=f"rate_limits.store: {store}"), server, setup.token, True)
 
     def workers(self, setup: GatewaySetup) -> None:
         """`gateway serve --workers 2`: measured (both cores) when it starts, else 'not available'."""

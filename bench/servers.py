@@ -349,6 +349,7 @@ def write_gateway_config(
     ws_upstream: str | None = None,
     assertion: bool = False,
     secret_key_file: Path | None = None,
+    rate_limit_store: str | None = None,
 ) -> GatewaySetup:
     """gateway.yaml (routes `bench` and `stream`, log_level info) and policies/bench.yaml.
 
@@ -356,6 +357,10 @@ def write_gateway_config(
     plain HTTP, for the readiness poll). `ws_upstream`: one more route, `ws` (`/ws`,
     `websocket: true`), and policies/ws.yaml for it. `assertion`: the `bench` route signs
     an identity assertion (a JWT) for every forwarded request.
+
+    `rate_limit_store`: a `rate_limits` block on that store (`memory` or a redis:// URL) with
+    `per_user`, `auth_failures` and a `bench` route `rate_limit`, all far above any rate a
+    run reaches, so every check runs and none refuses.
 
     `secret_key_file` (`signing.secret_key_file`): the sealing secret of the store's signing
     keys. The first `gateway serve` on a fresh store makes a key and writes gateway.secret
@@ -376,6 +381,8 @@ def write_gateway_config(
     routes = f'- name: bench\n  prefix: /bench\n  upstream: "{bench_upstream}"\n'
     if assertion:
         routes += "  assertion: true\n"
+    if rate_limit_store is not None:
+        routes += "  rate_limit: {rate: 1000000, per: 1s}\n"
     routes += textwrap.dedent(
         f"""\
           - name: stream
@@ -396,6 +403,11 @@ def write_gateway_config(
             """
         )
     signing = "" if secret_key_file is None else f'signing:\n  secret_key_file: "{secret_key_file}"\n'
+    if rate_limit_store is not None:
+        signing += (
+            f'rate_limits:\n  store: "{rate_limit_store}"\n'
+            "  per_user: {rate: 1000000, per: 1s}\n  auth_failures: {rate: 1000000, per: 1s}\n"
+        )
     config = directory / "gateway.yaml"
     config.write_text(
         f'listeners:\n  proxy:{proxy}\n  admin: "{LOOPBACK}:{admin_port}"\n'

@@ -1,6 +1,6 @@
 """Rate limits at run time: where the counters live and the checks the decision runs.
 
-Imports: ratelimit (the GCRA), config, errors, metrics; `redis` only for a redis:// store.
+Imports: ratelimit (the GCRA), redis_client, config, errors, metrics, store.
 
 Two stores keep each key's GCRA state (README "Rate limits"): `MemoryStore`, one
 process's dict (each process counts alone), and `RedisStore`, one Lua script per request
@@ -14,18 +14,19 @@ route and address, never by the limit, so a reload that changes a limit keeps th
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config import RateLimitConfig
 from gateway.errors import RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limit, RateHeaders, Verdict, decide, limit_item, policy_item, retry_after_header
+from gateway.redis_client import RedisClient, RedisFailure
 from gateway.store import Principal
 
 log = logging.getLogger("gateway.limiter")
@@ -128,41 +129,36 @@ if ARGV[1] == '1' and all then
 end
 return out
 """
+_SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # noqa: S324 -- Redis names scripts by SHA-1
 
 
 class RedisStore:
     """Counters shared through Redis: one script call (one round trip) per request."""
 
     def __init__(self, url: str, *, timeout: float = STORE_TIMEOUT) -> None:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # No retries inside the client: the caller's bound is the whole wait.
-        self._client: Any = Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=256,
-        )
-        self._script = self._client.register_script(_SCRIPT)
-        self._timeout = timeout
+        self._client = RedisClient(url, timeout=timeout)
 
     async def apply(self, checks: Sequence[Check], consume: bool) -> list[Verdict]:
         """Each check's verdict, decided and (with `consume`) committed on the server in one step."""
-        from redis.exceptions import RedisError
-
-        args: list[int] = [1 if consume else 0]
+        args: list[bytes | str | int] = [len(checks)]
+        args.extend(KEY_PREFIX + check.key for check in checks)
+        args.append(1 if consume else 0)
         for check in checks:
             interval = check.limit.interval
             args.append(round(interval * 1_000_000))
             args.append(round(interval * check.limit.burst * 1_000_000))
         try:
-            async with asyncio.timeout(self._timeout):
-                raw = await self._script(keys=[KEY_PREFIX + check.key for check in checks], args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreFailed(type(exc).__name__) from exc
+            try:
+                raw = await self._client.call("EVALSHA", _SCRIPT_SHA, *args)
+            except RedisFailure as exc:
+                if "NOSCRIPT" not in str(exc):
+                    raise
+                # Redis restarted or its script cache was flushed: EVAL loads it again.
+                raw = await self._client.call("EVAL", _SCRIPT, *args)
+        except RedisFailure as exc:
+            raise StoreFailed(str(exc)) from None
+        if not isinstance(raw, list) or len(raw) != 3 * len(checks):
+            raise StoreFailed("Redis answered the rate-limit script with something else")
         verdicts = []
         for index in range(0, len(raw), 3):
             allowed, left, wait = raw[index], raw[index + 1], raw[index + 2]
@@ -171,8 +167,8 @@ class RedisStore:
         return verdicts
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close the connection."""
+        await self._client.close()
 
 
 def display_url(url: str) -> str:
