@@ -43,7 +43,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   fi
 fi
 
-if ! "$PYTHON" -c 'import aiohttp, sqlalchemy, asyncpg, aiosqlite, alembic, yaml, click, uvloop' 2>/dev/null; then
+if ! "$PYTHON" -c 'import aiohttp, sqlalchemy, asyncpg, aiosqlite, alembic, yaml, click, uvloop, hiredis' 2>/dev/null; then
   echo "[bench] installing the gateway's Python dependencies"
   "$PYTHON" -m pip install -q '.[fast]'
 fi
