@@ -18,7 +18,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -70,6 +69,11 @@ class MemoryStore:
     async def apply(self, checks: Sequence[Check], consume: bool) -> list[Verdict]:
         """Each check's verdict; one event-loop step, so atomic without a lock."""
         return self.apply_now(checks, consume, time.monotonic())
+
+    def idle(self, key: str) -> bool:
+        """Whether `key` has nothing counted (never seen, or earned everything back)."""
+        tat = self._tats.get(key)
+        return tat is None or tat <= time.monotonic()
 
     def apply_now(self, checks: Sequence[Check], consume: bool, now: float) -> list[Verdict]:
         """`apply` at `now` (seconds on the monotonic clock)."""
@@ -197,7 +201,10 @@ class RateLimiter:
     def __init__(self, config: RateLimitConfig, metrics: Metrics) -> None:
         self.url = config.store
         self.store = open_limit_store(config.store)
+        # The memory store answers at once: called directly, without a coroutine per check.
+        self._memory = self.store if isinstance(self.store, MemoryStore) else None
         self._metrics = metrics
+        self._policies: dict[tuple[str, int, int, int], tuple[tuple[Limit, ...], str]] = {}
         self._down = False  # the store failed and has not answered since
         self._retry_at = 0.0  # monotonic time of the next attempt while down
 
@@ -206,7 +213,10 @@ class RateLimiter:
         limit = config.auth_failures
         if limit is None:
             return
-        check = Check("auth", "a:" + address, limit)
+        key = "a:" + address
+        if self._memory is not None and self._memory.idle(key):
+            return  # the usual case: no failure counted for this address
+        check = Check("auth", key, limit)
         verdicts = await self._apply(config, (check,), consume=False)
         if verdicts is not None and not verdicts[0].allowed:
             raise RateLimited(
@@ -251,6 +261,8 @@ class RateLimiter:
         self, config: RateLimitConfig, checks: Sequence[Check], *, consume: bool, failing: bool = False
     ) -> list[Verdict] | None:
         """The store's verdicts; None when it failed and `on_store_error: allow` lets the request on."""
+        if self._memory is not None:
+            return self._memory.apply_now(checks, consume, time.monotonic())
         now = time.monotonic()
         try:
             if self._down and now < self._retry_at:
@@ -278,19 +290,34 @@ class RateLimiter:
     def _headers(
         self, checks: Sequence[Check], verdicts: Sequence[Verdict], *, refused: Verdict | None = None
     ) -> RateHeaders:
-        policy = ", ".join(policy_item(check.policy, check.limit) for check in checks)
+        policy = self._policy(checks)
         if refused is not None:
             # Nothing was consumed: a key that would have admitted still has this request's share.
             verdicts = [
-                replace(v, remaining=v.remaining + 1, retry_after=0.0) if v.allowed else v for v in verdicts
+                v._replace(remaining=v.remaining + 1, retry_after=0.0) if v.allowed else v for v in verdicts
             ]
-        state = ", ".join(
-            limit_item(check.policy, verdict) for check, verdict in zip(checks, verdicts, strict=True)
-        )
+        state = limit_item(checks[0].policy, verdicts[0])
+        for index in range(1, len(checks)):
+            state += ", " + limit_item(checks[index].policy, verdicts[index])
         headers: RateHeaders = (("RateLimit-Policy", policy), ("RateLimit", state))
         if refused is not None:
             headers += (("Retry-After", retry_after_header(refused.retry_after)),)
         return headers
+
+    def _policy(self, checks: Sequence[Check]) -> str:
+        """The `RateLimit-Policy` value for `checks`, built once per set of limits."""
+        # Keyed by identity: the limits are the config's and the cached principals' own objects,
+        # kept alive in the value so an id is never reused while its entry lives.
+        first = checks[0]
+        key = (first.policy, id(first.limit), id(checks[-1].limit), len(checks))
+        known = self._policies.get(key)
+        if known is not None:
+            return known[1]
+        policy = ", ".join(policy_item(check.policy, check.limit) for check in checks)
+        if len(self._policies) >= 1024:
+            self._policies.clear()
+        self._policies[key] = (tuple(check.limit for check in checks), policy)
+        return policy
 
     def reconfigure(self, config: RateLimitConfig) -> None:
         """A reload: the limits come with each request's settings; the store stays until a restart."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 RateHeaders = tuple[tuple[str, str], ...]
 """`RateLimit-Policy` and `RateLimit` (and on a refusal `Retry-After`) header lines for one answer."""
@@ -99,9 +100,8 @@ def format_spec(limit: Limit) -> str:
     return f"{limit.rate:g}/{format_period(limit.per)}:{limit.burst}"
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """One decision: admitted or not, what is left, and when to come back."""
+class Verdict(NamedTuple):
+    """One decision: admitted or not, what is left, and when to come back (a tuple: made per request)."""
 
     allowed: bool
     remaining: int  # requests that would be admitted right now after this one
@@ -111,22 +111,21 @@ class Verdict:
 
 def decide(limit: Limit, tat: float | None, now: float) -> Verdict:
     """Admit or refuse one request of a key whose stored TAT is `tat` (None: never seen)."""
-    interval = limit.interval
+    interval = limit.per / limit.rate
     tolerance = interval * limit.burst
     current = now if tat is None or tat < now else tat
     new_tat = current + interval
     allowed_from = new_tat - tolerance
+    # `left`: how many more intervals fit between the key's TAT and the edge of its tolerance.
     if now < allowed_from:
-        left = _remaining(current, now, tolerance, interval)
-        return Verdict(False, left, allowed_from - now, current if tat is not None else now)
-    left = _remaining(new_tat, now, tolerance, interval)
-    wait = 0.0 if left > 0 else new_tat - tolerance + interval - now
-    return Verdict(True, left, max(wait, 0.0), new_tat)
-
-
-def _remaining(tat: float, now: float, tolerance: float, interval: float) -> int:
-    # How many more intervals fit between the key's TAT and the edge of its tolerance.
-    return max(0, math.floor((now + tolerance - tat) / interval + 1e-9))
+        left = math.floor((now + tolerance - current) / interval + 1e-9)
+        kept = current if tat is not None else now
+        return Verdict(False, left if left > 0 else 0, allowed_from - now, kept)
+    left = math.floor((now + tolerance - new_tat) / interval + 1e-9)
+    if left > 0:
+        return Verdict(True, left, 0.0, new_tat)
+    wait = new_tat - tolerance + interval - now
+    return Verdict(True, 0, wait if wait > 0.0 else 0.0, new_tat)
 
 
 def retry_after_header(seconds: float) -> str:
