@@ -16,6 +16,7 @@ import asyncio
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -72,8 +73,8 @@ class _Protocol(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -144,6 +145,15 @@ class RedisClient:
         return await asyncio.shield(self._opening)
 
     async def _open(self) -> _Protocol:
+        try:
+            # Bounded on its own: callers stop waiting at their timeout, but a server that accepts
+            # and never answers must not keep this (shared) opening alive for ever.
+            async with asyncio.timeout(4 * self._timeout):
+                return await self._handshake()
+        except TimeoutError:
+            raise RedisFailure("Redis did not answer in time") from None
+
+    async def _handshake(self) -> _Protocol:
         address = self._address
         context = ssl.create_default_context() if address.tls else None
         try:
@@ -159,7 +169,12 @@ class RedisClient:
         if address.database:
             setup.append(("SELECT", address.database))
         for command in setup:
-            reply = await protocol.send(command)
+            try:
+                reply = await protocol.send(command)
+            except BaseException:
+                if protocol.transport is not None:
+                    protocol.transport.close()
+                raise
             if isinstance(reply, hiredis.ReplyError):
                 if protocol.transport is not None:
                     protocol.transport.close()

@@ -134,3 +134,18 @@ async def test_store_failures_are_store_failed_not_redis_errors() -> None:
     with pytest.raises(StoreFailed):
         await store.apply((Check("user", "u:x", Limit(rate=1, per=1.0, burst=1)),), True)
     await store.close()
+
+
+def test_the_connection_works_on_uvloop_as_gateway_serve_runs(redis_url: str) -> None:
+    # uvloop's transports are not asyncio.Transport subclasses: nothing may assume they are.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def calls() -> list[object]:
+        client = RedisClient(redis_url, timeout=2)
+        try:
+            return list(await asyncio.gather(*(client.call("ECHO", str(n)) for n in range(50))))
+        finally:
+            await client.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(calls()) == [str(n).encode() for n in range(50)]
