@@ -23,6 +23,7 @@ from gateway.config import CorsConfig, RouteConfig, normalize_origin
 from gateway.errors import BadRequest, Invalid, NotFound
 from gateway.explain import explain_request, parse_target
 from gateway.policy import Role
+from gateway.ratelimit import Limit, make_limit
 from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN, UNSET, TokenView, Unset, validate_name
 from gateway.store import Principal
 from gateway.timeparse import parse_time
@@ -41,6 +42,7 @@ MAX_ORIGIN: Final = 255  # the store's column width
 MAX_LIST: Final = 100
 DEFAULT_AUDIT_LIMIT: Final = 100
 _LIMIT_RE: Final = re.compile(r"[0-9]{1,7}")
+RATE_LIMIT_KEYS: Final = ("rate", "per", "burst")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -145,6 +147,35 @@ class Body:
         if not isinstance(value, bool):
             raise Invalid(field, f"{field} must be true or false")
         return value
+
+    def rate_limit(self, field: str) -> Limit | None:
+        """`{"rate": 100, "per": "1s", "burst": 200}` (burst optional: the rate); None when absent or null.
+
+        Invalid names the inner field (`rate_limit.per`) with make_limit's message.
+        """
+        value = self._body.get(field)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise Invalid(field, f"{field} must be an object {{rate, per, burst}} or null")
+        for key in value:
+            if key not in RATE_LIMIT_KEYS:
+                shown = key[:100]
+                raise Invalid(
+                    f"{field}.{shown}", f"unknown field {shown!r}; allowed: {', '.join(RATE_LIMIT_KEYS)}"
+                )
+        for key in ("rate", "per"):
+            if key not in value:
+                raise Invalid(f"{field}.{key}", f"{key}: is required")
+        per = value["per"]
+        if isinstance(per, str) and per != per.strip():
+            # make_limit would strip it; the API takes exactly what its schema describes.
+            raise Invalid(f"{field}.per", f"per: {per!r} must not have spaces around it")
+        try:
+            return make_limit(value["rate"], per, value.get("burst"))
+        except ValueError as exc:
+            inner = str(exc).split(":", 1)[0]
+            raise Invalid(f"{field}.{inner}" if inner in RATE_LIMIT_KEYS else field, str(exc)) from None
 
     def time(self, field: str) -> datetime | None:
         """An ISO 8601 date or date-time (None when absent or null)."""
@@ -298,13 +329,20 @@ class AdminApi:
 
     async def create_user(self, request: web.Request) -> web.Response:
         """POST /v1/service-users"""
-        body = Body(await read_object(request), ("name", "description", "roles", "allowed_origins"))
+        body = Body(
+            await read_object(request), ("name", "description", "roles", "allowed_origins", "rate_limit")
+        )
         name = _name(body.text("name", nullable=False) or "")
         description = body.text("description")
         roles = body.strings("roles", nullable=True)
         allowed = origins(body.strings("allowed_origins", nullable=True)) or []
         view = await self._directory.create_user(
-            name, actor=request[PRINCIPAL].user, roles=roles, description=description, origins=allowed
+            name,
+            actor=request[PRINCIPAL].user,
+            roles=roles,
+            description=description,
+            origins=allowed,
+            rate_limit=body.rate_limit("rate_limit"),
         )
         await self._changed(name)
         return web.json_response(view.to_json(), status=201, headers={"Location": view.href})
@@ -317,8 +355,12 @@ class AdminApi:
     async def update_user(self, request: web.Request) -> web.Response:
         """PATCH /v1/service-users/{name}: given fields replace the old values (roles and origins whole)."""
         name = path_name(request, "name", "user")
-        body = Body(await read_object(request), ("description", "roles", "allowed_origins", "disabled"))
+        body = Body(
+            await read_object(request), ("description", "roles", "allowed_origins", "disabled", "rate_limit")
+        )
         description: str | None | Unset = body.text("description") if "description" in body else UNSET
+        # Absent: unchanged; null: back to rate_limits.per_user.
+        rate_limit: Limit | None | Unset = body.rate_limit("rate_limit") if "rate_limit" in body else UNSET
         view = await self._directory.update_user(
             name,
             actor=request[PRINCIPAL].user,
@@ -326,6 +368,7 @@ class AdminApi:
             roles=body.strings("roles", nullable=False),
             origins=origins(body.strings("allowed_origins", nullable=False)),
             disabled=body.boolean("disabled"),
+            rate_limit=rate_limit,
         )
         await self._changed(name)
         return web.json_response(view.to_json())

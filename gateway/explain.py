@@ -80,6 +80,7 @@ def user_principal(view: UserView) -> Principal:
         user_roles=tuple(sorted({role.name for role in view.roles})),
         token_roles=None,
         origins=frozenset(view.allowed_origins),
+        rate_limit=view.rate_limit,
     )
 
 

@@ -5,7 +5,7 @@ the Alembic revisions in ``gateway/migrations/versions`` create exactly these ta
 (a test compares the two).
 
 Tables:
-- ``service_users``: identities (kind ``service`` or ``admin``).
+- ``service_users``: identities (kind ``service`` or ``admin``), each with an optional own rate limit.
 - ``role_assignments`` / ``allowed_origins``: per-user sets, deleted with the user.
 - ``tokens``: credentials; only the SHA-256 ``digest`` of a secret is ever stored.
 - ``api_keys``: key id + secret pairs exchanged for short-lived JWTs (digest only, as tokens).
@@ -52,6 +52,7 @@ __all__ = [
 
 NAME_LENGTH = 63
 DIGEST_LENGTH = 64  # hex SHA-256
+RATE_LIMIT_LENGTH = 64  # "1000000000/86400s:1000000000" is 28
 
 # Deterministic constraint names, so later migrations can refer to them on both dialects.
 NAMING_CONVENTION = {
@@ -111,6 +112,9 @@ class ServiceUser(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_by: Mapped[str] = mapped_column(String(255))
+    # The user's own rate limit as `ratelimit.format_spec` text ("100/1s:200"); NULL follows
+    # `rate_limits.per_user`. Text, not three columns: it is read whole on every cold lookup.
+    rate_limit: Mapped[str | None] = mapped_column(String(RATE_LIMIT_LENGTH))
 
 
 class RoleAssignment(Base):

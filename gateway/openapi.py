@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 description of the admin listener, as a plain dict (served at /openapi.json).
 
-Imports: admin_api (limits), errors (refusal codes), services (name grammar, audit limit). Pure data.
+Imports: admin_api (limits), errors (refusal codes), ratelimit (number bounds), services (name grammar,
+audit limit). Pure data.
 
 The schemas are exact (every key required, no extra keys, absent values `null`), so a
 contract test can check every answer against them.
@@ -13,6 +14,7 @@ from typing import Final
 
 from gateway.admin_api import MAX_BODY_BYTES, MAX_DESCRIPTION, MAX_LIST, MAX_ORIGIN
 from gateway.errors import Refusal
+from gateway.ratelimit import MAX_COUNT as MAX_RATE_COUNT
 from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN
 
 JSONObject = dict[str, object]
@@ -79,6 +81,37 @@ _TOKEN_FIELDS: Final[dict[str, JSONObject]] = {
     "last_used_at": _nullable(_TIME),
 }
 
+_COUNT: Final[JSONObject] = {"type": "integer", "minimum": 1, "maximum": MAX_RATE_COUNT}
+_PERIOD: Final[JSONObject] = {
+    "type": "string",
+    "pattern": r"^([0-9]+(\.[0-9]+)?)?[smh]$",
+    "description": "a number with s, m or h (1s, 30s, 1m, 1h), at most 24h",
+}
+_RATE_LIMIT: Final[JSONObject] = {
+    **_object(
+        {
+            "rate": {**_COUNT, "description": "requests per period"},
+            "per": {"type": "string", "description": "the period: a number with s, m or h"},
+            "burst": {**_COUNT, "description": "requests at once, from idle"},
+        }
+    ),
+    "description": "a user's own rate limit (all routes together); a user without one (null) "
+    "follows rate_limits.per_user",
+}
+_RATE_LIMIT_INPUT: Final[JSONObject] = _nullable(
+    {
+        **_object(
+            {
+                "rate": {**_COUNT, "description": "requests per period"},
+                "per": _PERIOD,
+                "burst": _nullable({**_COUNT, "description": "requests at once, from idle; null: the rate"}),
+            },
+            required=["rate", "per"],
+        ),
+        "description": "the user's own rate limit (all routes together); null: rate_limits.per_user",
+    }
+)
+
 _KEY_ID: Final = "^key_[0-9A-Za-z]{16}$"
 _KEY_FIELDS: Final[dict[str, JSONObject]] = {
     **{name: schema for name, schema in _TOKEN_FIELDS.items() if name != "name"},
@@ -110,10 +143,12 @@ SCHEMAS: Final[dict[str, JSONObject]] = {
             "roles": {"type": "array", "items": _ref("AssignedRole")},
             "allowed_origins": _strings(),
             "disabled": {"type": "boolean"},
+            "rate_limit": _nullable(_ref("RateLimit")),
             "created_at": _TIME,
             "created_by": {"type": "string"},
         }
     ),
+    "RateLimit": _RATE_LIMIT,
     "Token": _object(_TOKEN_FIELDS),
     "IssuedToken": _object(
         {**_TOKEN_FIELDS, "token": {"type": "string", "pattern": "^gw_", "description": "shown this once"}}
@@ -207,6 +242,7 @@ def _bodies(role: JSONObject) -> dict[str, JSONObject]:
                 "description": _nullable(_TEXT),
                 "roles": _nullable({**roles}),
                 "allowed_origins": _nullable({**_strings(maxLength=MAX_ORIGIN), "maxItems": MAX_LIST}),
+                "rate_limit": _RATE_LIMIT_INPUT,
             },
             required=["name"],
         ),
@@ -216,6 +252,7 @@ def _bodies(role: JSONObject) -> dict[str, JSONObject]:
                 "roles": {**roles, "description": "replaces the whole set"},
                 "allowed_origins": {**_strings(maxLength=MAX_ORIGIN), "maxItems": MAX_LIST},
                 "disabled": {"type": "boolean"},
+                "rate_limit": _RATE_LIMIT_INPUT,
             },
             required=[],
         ),

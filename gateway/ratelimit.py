@@ -24,7 +24,7 @@ RateHeaders = tuple[tuple[str, str], ...]
 
 _PERIOD_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)?([smh])$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_MAX_COUNT = 1_000_000_000
+MAX_COUNT = 1_000_000_000  # the largest rate and burst
 _MAX_PERIOD = 86400.0
 _SPEC_RE = re.compile(r"^([0-9]+)/([^:]+)(?::([0-9]+))?$")
 
@@ -63,14 +63,15 @@ def format_period(seconds: float) -> str:
     """The shortest spelling of `seconds` that `parse_period` reads back."""
     for unit, size in (("h", 3600.0), ("m", 60.0)):
         if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
+            return f"{seconds / size:.0f}{unit}"
+    # Fixed-point, never an exponent (`1e-05s` would not read back).
+    return f"{seconds:.10f}".rstrip("0").rstrip(".") + "s"
 
 
 def make_limit(rate: object, per: object, burst: object = None) -> Limit:
     """A Limit from its three fields as written (YAML, JSON); ValueError names the bad field."""
-    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= _MAX_COUNT:
-        raise ValueError(f"rate: must be an integer from 1 to {_MAX_COUNT} per period, not {rate!r}")
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= MAX_COUNT:
+        raise ValueError(f"rate: must be an integer from 1 to {MAX_COUNT} per period, not {rate!r}")
     if not isinstance(per, str):
         raise ValueError(f"per: must be a period such as 1s, 1m or 1h, not {per!r}")
     try:
@@ -81,8 +82,8 @@ def make_limit(rate: object, per: object, burst: object = None) -> Limit:
         raise ValueError(f"per: {per!r} is longer than a day (24h)")
     if burst is None:
         burst = rate
-    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= _MAX_COUNT:
-        raise ValueError(f"burst: must be an integer from 1 to {_MAX_COUNT} at once, not {burst!r}")
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_COUNT:
+        raise ValueError(f"burst: must be an integer from 1 to {MAX_COUNT} at once, not {burst!r}")
     return Limit(rate=float(rate), per=seconds, burst=burst)
 
 
@@ -97,7 +98,7 @@ def parse_spec(text: str) -> Limit:
 
 def format_spec(limit: Limit) -> str:
     """`RATE/PERIOD:BURST`, as `parse_spec` reads it (how the store keeps a user's override)."""
-    return f"{limit.rate:g}/{format_period(limit.per)}:{limit.burst}"
+    return f"{limit.rate:.0f}/{format_period(limit.per)}:{limit.burst}"
 
 
 class Verdict(NamedTuple):

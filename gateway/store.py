@@ -42,9 +42,9 @@ from sqlalchemy.pool import StaticPool
 from gateway.errors import ConfigError, Conflict, StoreUnavailable
 from gateway.models import AllowedOrigin, ApiKey, RoleAssignment, ServiceUser, Token
 from gateway.models import Change as ChangeRow
-from gateway.ratelimit import Limit
+from gateway.ratelimit import Limit, parse_spec
 
-__all__ = ["Change", "Principal", "Store", "migrate", "open_store", "translate_errors"]
+__all__ = ["Change", "Principal", "Store", "migrate", "open_store", "stored_limit", "translate_errors"]
 
 log = logging.getLogger("gateway.store")
 
@@ -228,6 +228,25 @@ class Store:
         await self.engine.dispose()
 
 
+def stored_limit(text: str | None, user: str) -> Limit | None:
+    """The Limit of a user's `rate_limit` column; None when it is NULL or does not parse.
+
+    The services only write `format_spec` text, so a value that fails to parse was written by
+    hand or by another version: the user then follows `rate_limits.per_user` rather than
+    every request of theirs failing. The column holds no secret; the value is logged quoted
+    (%r) and cut short, as it is free text from the database.
+    """
+    if text is None:
+        return None
+    try:
+        return parse_spec(text)
+    except ValueError:
+        log.warning(
+            "user %r has a rate_limit the gateway cannot read (%r); the default applies", user, text[:64]
+        )
+        return None
+
+
 def _principal(
     credential_id: str,
     name: str,
@@ -236,6 +255,7 @@ def _principal(
     user: str,
     kind: str,
     disabled: bool,
+    rate_limit: str | None,
     roles: list[str] | None,
     origins: list[str] | None,
 ) -> Principal:
@@ -249,6 +269,7 @@ def _principal(
         user_roles=tuple(sorted(set(roles or ()))),
         token_roles=None if fixed is None else tuple(sorted(set(fixed))),
         origins=frozenset(origins or ()),
+        rate_limit=stored_limit(rate_limit, user),
     )
 
 
@@ -280,6 +301,7 @@ def _key_statement(dialect: str, column: Any) -> Select[Any]:
             ServiceUser.name,
             ServiceUser.kind,
             ServiceUser.disabled,
+            ServiceUser.rate_limit,
             roles,
             origins,
         )
@@ -289,7 +311,7 @@ def _key_statement(dialect: str, column: Any) -> Select[Any]:
 
 
 def _lookup_statement(dialect: str) -> Select[Any]:
-    """token ⋈ user by digest, with the user's roles and origins as JSON arrays."""
+    """token ⋈ user by digest, with the user's rate limit, roles and origins (JSON arrays)."""
     roles, origins = _user_aggregates(dialect)
     return (
         select(
@@ -300,6 +322,7 @@ def _lookup_statement(dialect: str) -> Select[Any]:
             ServiceUser.name,
             ServiceUser.kind,
             ServiceUser.disabled,
+            ServiceUser.rate_limit,
             roles,
             origins,
         )

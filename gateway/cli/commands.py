@@ -13,12 +13,14 @@ from typing import TextIO
 import click
 
 from gateway.cli.output import (
+    RateLimitType,
     TimeType,
     audit_table,
     emit_json,
     keys_table,
     names,
     print_secret,
+    rate_limit_line,
     role_list,
     table,
     tokens_table,
@@ -28,6 +30,7 @@ from gateway.cli.output import (
 )
 from gateway.cli.session import Session, actor, fail
 from gateway.errors import GatewayError, Invalid
+from gateway.ratelimit import Limit
 from gateway.services import UNSET, AuditView, Directory, KeyView, TokenView, Unset, UserView
 from gateway.timeparse import format_time
 
@@ -42,6 +45,13 @@ FORMAT = click.option(
 )
 KEY_NOTE = "Note: Save the key secret in a secure location as it will not be shown again"
 TOKEN_USER = click.option("--user", "user", required=True, metavar="NAME", help="the service user")
+RATE_LIMIT = click.option(
+    "--rate-limit",
+    type=RateLimitType(),
+    metavar="RATE/PERIOD[:BURST]",
+    help="the user's own rate limit, all routes together, e.g. 100/1s:200 (burst defaults to the rate); "
+    "overrides rate_limits.per_user",
+)
 
 pass_session = click.make_pass_decorator(Session)
 
@@ -190,9 +200,16 @@ def user() -> None:
 @click.option("--description", help="what the user is for")
 @click.option("--origins", help="comma-separated browser origins its tokens may be used from")
 @click.option("--admin", is_flag=True, help="an admin identity (admin API only; holds no roles)")
+@RATE_LIMIT
 @pass_session
 def user_create(
-    session: Session, name: str, roles: str | None, description: str | None, origins: str | None, admin: bool
+    session: Session,
+    name: str,
+    roles: str | None,
+    description: str | None,
+    origins: str | None,
+    admin: bool,
+    rate_limit: Limit | None,
 ) -> None:
     """Create a service user."""
     created = session.run(
@@ -203,6 +220,7 @@ def user_create(
             description=description,
             origins=names([origins or ""]),
             admin=admin,
+            rate_limit=rate_limit,
         )
     )
     click.echo(f"User created: {created.name}")
@@ -212,6 +230,8 @@ def user_create(
         click.echo(f"Roles assigned: {role_list(created.role_names)}")
     if created.allowed_origins:
         click.echo(f"Allowed origins: {', '.join(created.allowed_origins)}")
+    if created.rate_limit is not None:
+        click.echo(f"Rate limit: {rate_limit_line(created.rate_limit)}")
 
 
 @user.command("list")
@@ -255,6 +275,10 @@ def user_get(session: Session, name: str, output: str) -> None:
 @click.option("--remove-origins", multiple=True, metavar="U", help="browser origins to remove")
 @click.option("--description", help='new description ("" clears it)')
 @click.option("--disable/--enable", "disabled", default=None, help="refuse (or accept again) its tokens")
+@RATE_LIMIT
+@click.option(
+    "--no-rate-limit", is_flag=True, help="drop the user's own rate limit (rate_limits.per_user applies)"
+)
 @pass_session
 def user_update(
     session: Session,
@@ -265,9 +289,14 @@ def user_update(
     remove_origins: tuple[str, ...],
     description: str | None,
     disabled: bool | None,
+    rate_limit: Limit | None,
+    no_rate_limit: bool,
 ) -> None:
-    """Change a user's roles, origins, description or state."""
+    """Change a user's roles, origins, description, state or rate limit."""
+    if rate_limit is not None and no_rate_limit:
+        raise click.UsageError("give at most one of --rate-limit and --no-rate-limit")
     new_description: str | None | Unset = UNSET if description is None else (description or None)
+    new_limit: Limit | None | Unset = None if no_rate_limit else (UNSET if rate_limit is None else rate_limit)
     updated = session.run(
         lambda d: d.update_user(
             name,
@@ -278,6 +307,7 @@ def user_update(
             remove_origins=names(remove_origins),
             description=new_description,
             disabled=disabled,
+            rate_limit=new_limit,
         )
     )
     click.echo(f"User updated: {updated.name}")

@@ -1,6 +1,6 @@
 """How the command line shows things: aligned tables, "Key: value" blocks, JSON, the secret line.
 
-Imports: services (views), timeparse.
+Imports: services (views, the rate-limit rule), ratelimit, timeparse.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from datetime import datetime
 
 import click
 
-from gateway.services import AuditView, KeyView, TokenView, UserView
+from gateway.errors import Invalid
+from gateway.ratelimit import Limit, format_spec, parse_spec
+from gateway.services import AuditView, KeyView, TokenView, UserView, rate_limit_text
 from gateway.timeparse import format_time, parse_time
 
 # Wording of the OSMO CLI (seed 004), which operators may already grep for.
@@ -54,6 +56,11 @@ def role_list(roles: Sequence[str]) -> str:
     return ", ".join(roles) if roles else "(none)"
 
 
+def rate_limit_line(limit: Limit | None) -> str:
+    """A user's own rate limit as RATE/PERIOD:BURST, or "default" (rate_limits.per_user applies)."""
+    return "default" if limit is None else format_spec(limit)
+
+
 def user_details(user: UserView) -> str:
     """A user as "Key: value" lines, roles one per line (after the OSMO CLI)."""
     lines = [
@@ -61,6 +68,7 @@ def user_details(user: UserView) -> str:
         f"Kind:            {user.kind}",
         f"Description:     {cell(user.description)}",
         f"Disabled:        {'yes' if user.disabled else 'no'}",
+        f"Rate limit:      {rate_limit_line(user.rate_limit)}",
         f"Allowed origins: {', '.join(user.allowed_origins) or '-'}",
         f"Created at:      {format_time(user.created_at)}",
         f"Created by:      {cell(user.created_by)}",
@@ -181,3 +189,23 @@ class TimeType(click.ParamType[datetime]):
             return parse_time(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class RateLimitType(click.ParamType[Limit]):
+    """`RATE/PERIOD[:BURST]` (`100/1s:200`, `10/1m`): a bad one is a usage error naming the problem."""
+
+    name = "RATE/PERIOD[:BURST]"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Limit:
+        """Parse `value`, or fail as a usage error (exit 2) with parse_spec's message."""
+        if isinstance(value, Limit):
+            return value
+        try:
+            limit = parse_spec(str(value))
+            # The store's own rule too, so that it is refused here (exit 2) like any bad spec.
+            rate_limit_text(limit)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        except Invalid as exc:
+            self.fail(exc.message, param, ctx)
+        return limit

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from gateway.errors import Invalid
 from gateway.models import AuditEvent
-from gateway.services.base import DEFAULT_ROLE, NAME_PATTERN, RoleGraph, validate_name
+from gateway.services.base import DEFAULT_ROLE, NAME_PATTERN, RoleGraph, rate_limit_text, validate_name
 from gateway.services.keys import KeyOperations
 from gateway.services.tokens import TokenOperations
 from gateway.services.users import UserOperations
@@ -44,6 +44,7 @@ __all__ = [
     "TokenView",
     "Unset",
     "UserView",
+    "rate_limit_text",
     "validate_name",
 ]
 

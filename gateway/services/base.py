@@ -1,6 +1,6 @@
 """Shared machinery of the service layer: rules, row→view conversion, transactions, audit.
 
-Imports: store, models, config (origin normalisation), timeparse, errors, services.views.
+Imports: store, models, config (origin normalisation), ratelimit, timeparse, errors, services.views.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from gateway.config import normalize_origin
 from gateway.errors import Invalid, NotFound
 from gateway.models import AllowedOrigin, AuditEvent, RoleAssignment, ServiceUser, Token
 from gateway.models import Change as ChangeRow
+from gateway.ratelimit import Limit, format_spec, parse_spec
 from gateway.services.views import RoleView, TokenView, UserView
-from gateway.store import CHANGES_LOCK, Store, translate_errors
+from gateway.store import CHANGES_LOCK, Store, stored_limit, translate_errors
 from gateway.timeparse import utcnow
 
 NAME_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -73,6 +74,20 @@ def normalize_origins(values: Iterable[str]) -> list[str]:
     return sorted(normalised)
 
 
+def rate_limit_text(limit: Limit | None) -> str | None:
+    """`limit` as the store keeps it (`format_spec` text; None stays NULL).
+
+    Invalid("rate_limit.per") for a period with more decimals than the text keeps (ten):
+    stored rounded, it would silently be another limit.
+    """
+    if limit is None:
+        return None
+    text = format_spec(limit)
+    if parse_spec(text) != limit:
+        raise Invalid("rate_limit.per", f"per: {limit.per!r} seconds has too many decimals; use at most ten")
+    return text
+
+
 def user_not_found(name: str) -> NotFound:
     """The error for a user that does not exist."""
     return NotFound(f"user '{name}' not found")
@@ -109,6 +124,7 @@ def user_view(user: ServiceUser, roles: Iterable[RoleAssignment], origins: Itera
         ),
         allowed_origins=tuple(sorted(origins)),
         disabled=user.disabled,
+        rate_limit=stored_limit(user.rate_limit, user.name),
         created_at=user.created_at,
         created_by=user.created_by,
     )

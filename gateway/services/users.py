@@ -1,6 +1,6 @@
-"""Service users: create, list, get, update (roles, origins, description, disabled), delete.
+"""Service users: create, list, get, update (roles, origins, description, disabled, rate limit), delete.
 
-Imports: services.base, services.views, models, errors, timeparse.
+Imports: services.base, services.views, models, errors, ratelimit, timeparse.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import Conflict, Invalid
 from gateway.models import AllowedOrigin, ApiKey, RoleAssignment, ServiceUser, Token
+from gateway.ratelimit import Limit
 from gateway.services.base import (
     ADMIN_NO_ORIGINS,
     ADMIN_NO_ROLES,
@@ -19,6 +20,7 @@ from gateway.services.base import (
     DirectoryBase,
     as_list,
     normalize_origins,
+    rate_limit_text,
     user_view,
     validate_name,
 )
@@ -38,9 +40,14 @@ class UserOperations(DirectoryBase):
         description: str | None = None,
         origins: Sequence[str] = (),
         admin: bool = False,
+        rate_limit: Limit | None = None,
     ) -> UserView:
-        """Create a service user (default role DEFAULT_ROLE) or, with `admin`, an admin identity."""
+        """Create a service user (default role DEFAULT_ROLE) or, with `admin`, an admin identity.
+
+        `rate_limit` is the user's own limit; None follows `rate_limits.per_user`.
+        """
         validate_name(name)
+        limit_text = rate_limit_text(rate_limit)
         if admin:
             if roles:
                 raise Invalid("roles", ADMIN_NO_ROLES)
@@ -59,6 +66,7 @@ class UserOperations(DirectoryBase):
                 kind="admin" if admin else "service",
                 description=description,
                 disabled=False,
+                rate_limit=limit_text,
                 created_at=now,
                 created_by=actor,
             )
@@ -75,6 +83,7 @@ class UserOperations(DirectoryBase):
                 "roles": role_names,
                 "allowed_origins": origin_values,
                 "description": description,
+                "rate_limit": limit_text,
             }
             await self._record(
                 session, actor=actor, action="user.created", target=f"user/{name}", detail=detail, user=name
@@ -124,8 +133,13 @@ class UserOperations(DirectoryBase):
         disabled: bool | None = None,
         roles: Sequence[str] | None = None,
         origins: Sequence[str] | None = None,
+        rate_limit: Limit | None | Unset = UNSET,
     ) -> UserView:
         """Change a user; `roles`/`origins` replace the whole set (PATCH), the others are deltas.
+
+        `rate_limit`: a Limit sets the user's own limit, None goes back to `rate_limits.per_user`,
+        UNSET leaves it. A change is in the change feed like any other, so every gateway drops
+        the user's cached identities and applies the new limit from its next request.
 
         When roles are removed, a token's (and an API key's) fixed roles list loses every role
         the user then neither holds nor reaches through `includes` (`_strip_fixed_roles`).
@@ -143,6 +157,7 @@ class UserOperations(DirectoryBase):
         for origin in sorted(set(added_origins) & set(removed_origins)):
             raise Invalid("allowed_origins", f"origin '{origin}' is both added and removed")
         replacement_origins = None if origins is None else normalize_origins(origins)
+        limit_text = None if isinstance(rate_limit, Unset) else rate_limit_text(rate_limit)
         now = utcnow()
         async with self._write() as session:
             user = await self._user(session, name, lock=True)
@@ -202,6 +217,9 @@ class UserOperations(DirectoryBase):
             if disabled is not None and disabled != user.disabled:
                 user.disabled = disabled
                 detail["disabled"] = disabled
+            if not isinstance(rate_limit, Unset) and limit_text != user.rate_limit:
+                user.rate_limit = limit_text
+                detail["rate_limit"] = limit_text  # the spec text; null: back to the default
             if detail:
                 await self._record(
                     session,

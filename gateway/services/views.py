@@ -1,6 +1,6 @@
 """The service layer's results: frozen views whose ``to_json()`` is the admin API's objects (README).
 
-Imports: timeparse. Absent values are null (never a missing key); times are UTC "...Z"
+Imports: timeparse, ratelimit. Absent values are null (never a missing key); times are UTC "...Z"
 to the second. No view has a field for a token secret.
 """
 
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
+from gateway.ratelimit import Limit, format_period
 from gateway.timeparse import format_time, utcnow
 
-__all__ = ["UNSET", "AuditView", "RoleView", "TokenView", "Unset", "UserView"]
+__all__ = ["UNSET", "AuditView", "RoleView", "TokenView", "Unset", "UserView", "limit_json"]
 
 
 class Unset(enum.Enum):
@@ -27,6 +28,14 @@ UNSET: Final = Unset.UNSET
 
 def _time(moment: datetime | None) -> str | None:
     return None if moment is None else format_time(moment)
+
+
+def limit_json(limit: Limit | None) -> dict[str, object] | None:
+    """A rate limit as the admin API shows it: `{"rate": 100, "per": "1s", "burst": 200}` (None: null)."""
+    if limit is None:
+        return None
+    # `rate` is a float in Limit for the arithmetic, but only whole numbers are ever accepted.
+    return {"rate": int(limit.rate), "per": format_period(limit.per), "burst": limit.burst}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +61,8 @@ class UserView:
     roles: tuple[RoleView, ...]
     allowed_origins: tuple[str, ...]
     disabled: bool
+    rate_limit: Limit | None
+    """The user's own rate limit; None = `rate_limits.per_user` (README "Rate limits")."""
     created_at: datetime
     created_by: str
 
@@ -75,6 +86,7 @@ class UserView:
             "roles": [role.to_json() for role in self.roles],
             "allowed_origins": list(self.allowed_origins),
             "disabled": self.disabled,
+            "rate_limit": limit_json(self.rate_limit),
             "created_at": _time(self.created_at),
             "created_by": self.created_by,
         }

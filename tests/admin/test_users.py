@@ -14,6 +14,7 @@ USER_KEYS = {
     "roles",
     "allowed_origins",
     "disabled",
+    "rate_limit",
     "created_at",
     "created_by",
 }

@@ -172,7 +172,7 @@ def test_user_commands_tables_and_json(gw: Run) -> None:
     assert by_name["backend-b"]["allowed_origins"] == ["http://localhost:3000", "https://app.example.com"]
     assert by_name["root"]["kind"] == "admin" and by_name["root"]["roles"] == []
     assert set(by_name["monitor"]) == {
-        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled",
+        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled", "rate_limit",
         "created_at", "created_by",
     }
     prefixed = json.loads(gw("user", "list", "--id-prefix", "backend-", "--format", "json").stdout)

@@ -17,7 +17,7 @@ async def test_create_user_defaults_and_json_shape(directory: Directory) -> None
     view = await directory.create_user("svc-a", actor=ACTOR, description="CI job")
     data = view.to_json()
     assert set(data) == {
-        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled",
+        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled", "rate_limit",
         "created_at", "created_by",
     }
     assert data["name"] == "svc-a" and data["kind"] == "service"
