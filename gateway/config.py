@@ -26,7 +26,7 @@ from sqlalchemy.exc import ArgumentError
 
 from gateway.errors import ConfigError
 from gateway.listener_tls import ListenerTls, check_pair
-from gateway.ratelimit import Limit, make_limit
+from gateway.ratelimit import Limit, limit_problems, make_limit
 from gateway.upstream_tls import UpstreamTls
 from gateway.yamlfile import HTTP_TOKEN_RE, LineDict, LineList, Validator, load_yaml_mapping
 
@@ -562,7 +562,8 @@ def rate_store_problem(text: str) -> str | None:
         return f"{_RATE_STORE_HINT}; port 0 is not a port"
     database = url.path.strip("/")
     if database and not database.isdigit():
-        return f"{_RATE_STORE_HINT}; the database is a number, not {database[:20]!r}"
+        # Not quoted: a password with an unencoded "/" would be split into it.
+        return f"{_RATE_STORE_HINT}; the database must be a number (percent-encode a '/' in the password)"
     if url.query or url.fragment:
         return f"{_RATE_STORE_HINT}; no query or fragment"
     return None
@@ -576,14 +577,15 @@ def _limit(f: Validator, node: LineDict, key: str, where: str) -> Limit | None:
     if not isinstance(node[key], LineDict):
         return None  # reported by f.mapping
     path = f"{where}.{key}" if where else key
-    try:
-        return make_limit(item.get("rate"), item.get("per"), item.get("burst"))
-    except ValueError as exc:
-        field_name, _, what = str(exc).partition(": ")
-        line = item.line_of(field_name) if field_name in item else item.line
-        what = "is required" if field_name not in item and field_name != "burst" else what
-        f.add(line, f"{path}.{field_name}", what)
+    problems = limit_problems(item.get("rate"), item.get("per"), item.get("burst"))
+    for field_name, what in problems:
+        if field_name in item:
+            f.add(item.line_of(field_name), f"{path}.{field_name}", what)
+        else:
+            f.add(item.line, f"{path}.{field_name}", "is required")
+    if problems:
         return None
+    return make_limit(item.get("rate"), item.get("per"), item.get("burst"))
 
 
 def _identity(f: Validator, node: LineDict) -> IdentityConfig:

@@ -155,7 +155,7 @@ class HeaderPolicy:
         if self.is_trusted(peer) and "X-Forwarded-For" in inbound:
             entries = ",".join(inbound.getall("X-Forwarded-For")).split(",")
             for entry in reversed(entries):
-                client = entry.strip()[:64] or "unknown"
+                client = _without_port(entry.strip()[:64]) or "unknown"
                 if not self.is_trusted(client):
                     break
         if ":" not in client:
@@ -253,6 +253,15 @@ def response_headers(
         out.add(name, value)
     out["X-Request-Id"] = request_id
     return out
+
+
+def _without_port(entry: str) -> str:
+    """`1.2.3.4:5678` → `1.2.3.4`, `[2001:db8::1]:443` → `2001:db8::1` (some balancers add the port)."""
+    if entry.startswith("["):
+        return entry[1:].split("]", 1)[0]
+    if entry.count(":") == 1:
+        return entry.split(":", 1)[0]
+    return entry
 
 
 def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:

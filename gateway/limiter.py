@@ -79,11 +79,16 @@ class MemoryStore:
         """`apply` at `now` (seconds on the monotonic clock)."""
         tats = self._tats
         verdicts = [decide(check.limit, tats.get(check.key), now) for check in checks]
-        if consume and all(verdict.allowed for verdict in verdicts):
-            for check, verdict in zip(checks, verdicts, strict=True):
-                tats[check.key] = verdict.tat
-            if len(tats) >= self._sweep_at:
-                self._sweep(now)
+        if all(verdict.allowed for verdict in verdicts):
+            if consume:
+                for check, verdict in zip(checks, verdicts, strict=True):
+                    tats[check.key] = verdict.tat
+                if len(tats) >= self._sweep_at:
+                    self._sweep(now)
+            return verdicts
+        for check, verdict in zip(checks, verdicts, strict=True):
+            if not verdict.allowed and verdict.tat < tats.get(check.key, verdict.tat):
+                tats[check.key] = verdict.tat  # decide's clamp of another limit's debt, kept to refill
         return verdicts
 
     def _sweep(self, now: float) -> None:
@@ -108,7 +113,14 @@ for i = 1, #KEYS do
   local tolerance = tonumber(ARGV[2 * i + 1])
   local stored = redis.call('GET', KEYS[i])
   local tat = now
-  if stored then tat = math.max(tonumber(stored), now) end
+  if stored then
+    tat = math.max(tonumber(stored), now)
+    if tat > now + tolerance then
+      -- Counted under a stricter limit: an empty bucket of this one, kept so it refills.
+      tat = now + tolerance
+      redis.call('SET', KEYS[i], string.format('%d', tat), 'PX', math.ceil(tolerance / 1000) + 1)
+    end
+  end
   local new_tat = tat + interval
   local allowed_from = new_tat - tolerance
   if now < allowed_from then

@@ -68,23 +68,33 @@ def format_period(seconds: float) -> str:
     return f"{seconds:.10f}".rstrip("0").rstrip(".") + "s"
 
 
-def make_limit(rate: object, per: object, burst: object = None) -> Limit:
-    """A Limit from its three fields as written (YAML, JSON); ValueError names the bad field."""
+def limit_problems(rate: object, per: object, burst: object = None) -> list[tuple[str, str]]:
+    """Every (field, problem) of a limit's three fields as written (YAML, JSON); empty when usable."""
+    problems = []
     if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= MAX_COUNT:
-        raise ValueError(f"rate: must be an integer from 1 to {MAX_COUNT} per period, not {rate!r}")
+        problems.append(("rate", f"must be an integer from 1 to {MAX_COUNT} per period, not {rate!r}"))
     if not isinstance(per, str):
-        raise ValueError(f"per: must be a period such as 1s, 1m or 1h, not {per!r}")
-    try:
-        seconds = parse_period(per)
-    except ValueError as exc:
-        raise ValueError(f"per: {exc}") from None
-    if seconds > _MAX_PERIOD:
-        raise ValueError(f"per: {per!r} is longer than a day (24h)")
-    if burst is None:
-        burst = rate
-    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_COUNT:
-        raise ValueError(f"burst: must be an integer from 1 to {MAX_COUNT} at once, not {burst!r}")
-    return Limit(rate=float(rate), per=seconds, burst=burst)
+        problems.append(("per", f"must be a period such as 1s, 1m or 1h, not {per!r}"))
+    else:
+        try:
+            if parse_period(per) > _MAX_PERIOD:
+                problems.append(("per", f"{per!r} is longer than a day (24h)"))
+        except ValueError as exc:
+            problems.append(("per", str(exc)))
+    bad_burst = isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_COUNT
+    if burst is not None and bad_burst:
+        problems.append(("burst", f"must be an integer from 1 to {MAX_COUNT} at once, not {burst!r}"))
+    return problems
+
+
+def make_limit(rate: object, per: object, burst: object = None) -> Limit:
+    """A Limit from its three fields as written; ValueError("field: problem") for the first bad one."""
+    problems = limit_problems(rate, per, burst)
+    if problems:
+        field, problem = problems[0]
+        raise ValueError(f"{field}: {problem}")
+    assert isinstance(rate, int) and isinstance(per, str) and isinstance(burst, int | None)  # checked
+    return Limit(rate=float(rate), per=parse_period(per), burst=rate if burst is None else burst)
 
 
 def parse_spec(text: str) -> Limit:
@@ -115,6 +125,11 @@ def decide(limit: Limit, tat: float | None, now: float) -> Verdict:
     interval = limit.per / limit.rate
     tolerance = interval * limit.burst
     current = now if tat is None or tat < now else tat
+    if current > now + tolerance:
+        # Counted under a stricter limit (a reload or a user's new limit): an empty bucket of
+        # this limit, not hours of another one's debt. Never true for a key counted under this
+        # limit alone (an admission leaves its TAT at most there); the stores keep the clamp.
+        current = now + tolerance
     new_tat = current + interval
     allowed_from = new_tat - tolerance
     # `left`: how many more intervals fit between the key's TAT and the edge of its tolerance.

@@ -101,7 +101,7 @@ class TokenEndpoint:
             return await self._mint(settings, asked.key_id, asked.secret, asked.scope)
         except OAuthError as error:
             self._exchanges.labels(error.error).inc()
-            if address is not None and error.error == "invalid_client":
+            if address is not None and error.message == _BAD_CLIENT:  # a secret checked and wrong
                 error.extra_headers = await self._limiter.failed(limits, address)
             return Answer(_oauth_response(error), error.refusal)
         except GatewayError as error:  # the store is unreachable (503), a body that timed out (408)

@@ -149,3 +149,22 @@ def test_the_connection_works_on_uvloop_as_gateway_serve_runs(redis_url: str) ->
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(calls()) == [str(n).encode() for n in range(50)]
+
+
+@pytest.mark.parametrize("make_store", ["memory", "redis"])
+async def test_a_stricter_limits_debt_becomes_an_empty_bucket_on_both_stores(
+    redis_url: str, make_store: str
+) -> None:
+    from gateway.limiter import LimitStore, MemoryStore
+
+    store: LimitStore = MemoryStore() if make_store == "memory" else RedisStore(redis_url, timeout=2)
+    strict, loose = Limit(rate=2, per=3600.0, burst=2), Limit(rate=10, per=1.0, burst=5)
+    try:
+        for _ in range(2):
+            assert (await store.apply((Check("user", "u:clamp", strict),), True))[0].allowed
+        refused = (await store.apply((Check("user", "u:clamp", loose),), True))[0]
+        assert not refused.allowed and refused.retry_after <= 0.11  # not an hour
+        await asyncio.sleep(0.15)
+        assert (await store.apply((Check("user", "u:clamp", loose),), True))[0].allowed
+    finally:
+        await store.close()

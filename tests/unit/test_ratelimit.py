@@ -64,3 +64,16 @@ def test_headers_follow_the_draft_syntax() -> None:
     verdict = decide(limit, None, 0.0)
     assert limit_item("user", verdict) == '"user";r=199;t=0'
     assert retry_after_header(0.01) == "1" and retry_after_header(2.2) == "3"
+
+
+def test_a_key_counted_under_a_stricter_limit_starts_from_an_empty_bucket() -> None:
+    strict, loose = Limit(rate=2, per=3600.0, burst=2), Limit(rate=10, per=1.0, burst=5)
+    tat = None
+    for _ in range(2):
+        tat = decide(strict, tat, 100.0).tat
+    assert tat is not None and tat > 100.0 + 3000  # an hour of debt under the strict limit
+    refused = decide(loose, tat, 100.0)
+    # Under the loose limit that is an empty bucket (0.5 s of debt at most), not an hour:
+    assert not refused.allowed and refused.retry_after == pytest.approx(0.1)
+    assert refused.tat == pytest.approx(100.5)
+    assert decide(loose, refused.tat, 100.1).allowed
