@@ -87,6 +87,11 @@ def cli(config: Path, tmp_path: Path) -> Run:
 @pytest.fixture
 def gw(config: Path, capsys: pytest.CaptureFixture[str]) -> Run:
     """The same entry point, `main(argv)`, called in this process (fast, for error matrices)."""
+    return in_process(config, capsys)
+
+
+def in_process(config: Path, capsys: pytest.CaptureFixture[str]) -> Run:
+    """A runner of `main(argv)` in this process on `config`, asserting the exit code."""
 
     def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
         with pytest.raises(SystemExit) as exited:

@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
-from tests.store.test_cli import Run, gateway, write_config
+from tests.store.test_cli import Run, gateway, in_process, write_config
 
 
 @pytest.fixture
 def gw(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Run:
     """`main(argv)` in this process on a SQLite config (as test_cli's `gw`), for quick matrices."""
-    config = write_config(tmp_path / "conf")
-
-    def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-        with pytest.raises(SystemExit) as exited:
-            main([*args, "--config", str(config)])
-        captured = capsys.readouterr()
-        assert exited.value.code == expect, (args, captured.out, captured.err)
-        return subprocess.CompletedProcess(args, expect, captured.out, captured.err)
-
-    return run
+    return in_process(write_config(tmp_path / "conf"), capsys)
 
 
 def rate_limit_line(text: str) -> str:
