@@ -23,7 +23,7 @@ from gateway.config import CorsConfig, RouteConfig, normalize_origin
 from gateway.errors import BadRequest, Invalid, NotFound
 from gateway.explain import explain_request, parse_target
 from gateway.policy import Role
-from gateway.ratelimit import Limit, make_limit
+from gateway.ratelimit import Limit, limit_problems, make_limit
 from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN, UNSET, TokenView, Unset, validate_name
 from gateway.store import Principal
 from gateway.timeparse import parse_time
@@ -164,18 +164,15 @@ class Body:
                 raise Invalid(
                     f"{field}.{shown}", f"unknown field {shown!r}; allowed: {', '.join(RATE_LIMIT_KEYS)}"
                 )
-        for key in ("rate", "per"):
-            if key not in value:
-                raise Invalid(f"{field}.{key}", f"{key}: is required")
-        per = value["per"]
+        per = value.get("per")
         if isinstance(per, str) and per != per.strip():
-            # make_limit would strip it; the API takes exactly what its schema describes.
+            # parse_period would strip it; the API takes exactly what its schema describes.
             raise Invalid(f"{field}.per", f"per: {per!r} must not have spaces around it")
-        try:
-            return make_limit(value["rate"], per, value.get("burst"))
-        except ValueError as exc:
-            inner = str(exc).split(":", 1)[0]
-            raise Invalid(f"{field}.{inner}" if inner in RATE_LIMIT_KEYS else field, str(exc)) from None
+        problems = limit_problems(value.get("rate"), per, value.get("burst"))
+        if problems:
+            name, problem = problems[0]  # one `field` per answer: the first
+            raise Invalid(f"{field}.{name}", f"{name}: {problem if name in value else 'is required'}")
+        return make_limit(value["rate"], per, value.get("burst"))
 
     def time(self, field: str) -> datetime | None:
         """An ISO 8601 date or date-time (None when absent or null)."""

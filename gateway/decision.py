@@ -45,9 +45,7 @@ from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
     OriginNotAllowed,
-    Refusal,
     RouteNotFound,
-    Unauthenticated,
 )
 from gateway.handshake import check_handshake, is_handshake, subprotocol_credential
 from gateway.headers import HeaderPolicy
@@ -261,17 +259,10 @@ class Decider:
         headers: Headers,
         peer: str | None,
     ) -> Principal:
-        """The credential step under `auth_failures`: a blocked address is refused before its
-        credential is looked at (so guessing cannot reach the store), and a 401 counts one."""
-        limits = settings.config.rate_limits
+        """The credential step under `auth_failures` (README "Rate limits")."""
         address = settings.headers.client_address(headers, peer)
-        await limiter.check_address(limits, address)
-        try:
-            return await self.authenticate(authorization)
-        except Unauthenticated as error:
-            if error.refusal is not Refusal.MISSING_TOKEN:  # no credential, nothing guessed
-                error.extra_headers = await limiter.failed(limits, address)
-            raise
+        limits, credential = settings.config.rate_limits, "\n".join(authorization)
+        return await limiter.guard(limits, address, credential, lambda: self.authenticate(authorization))
 
     def check_origin(self, decision: Decision) -> None:
         """Refuse unless the request's origin is allowed for its user (or, public, on its route)."""

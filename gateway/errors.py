@@ -70,6 +70,11 @@ class GatewayError(Exception):
     # Header lines a step added to this refusal (rate limits: RateLimit-Policy, RateLimit, Retry-After).
     extra_headers: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def guessed(self) -> bool:
+        """Whether a credential was presented and refused (counted by `rate_limits.auth_failures`)."""
+        return False
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
@@ -147,6 +152,10 @@ class Unauthenticated(GatewayError):
     @property
     def refusal(self) -> Refusal:
         return self._code
+
+    @property
+    def guessed(self) -> bool:
+        return self._code is not Refusal.MISSING_TOKEN  # no credential at all: nothing was guessed
 
     def headers(self) -> dict[str, str]:
         # RFC 6750 section 3: no error attribute when the request carried no credentials.
@@ -261,10 +270,15 @@ class OAuthError(GatewayError):
 
     code = Refusal.BAD_REQUEST
 
-    def __init__(self, error: str, description: str, *, status: int = 400) -> None:
+    def __init__(self, error: str, description: str, *, status: int = 400, guessed: bool = False) -> None:
         super().__init__(description)
         self.error = error
         self.status_code = status
+        self._guessed = guessed  # an API key's secret was checked and is wrong
+
+    @property
+    def guessed(self) -> bool:
+        return self._guessed
 
     @property
     def refusal(self) -> Refusal:

@@ -134,15 +134,18 @@ class HeaderPolicy:
             return False
         known = self._trusted_cache.get(peer)
         if known is None:
-            try:
-                address: IPv4Address | IPv6Address = ip_address(peer)
-            except ValueError:
-                known = False
-            else:
-                known = any(address in network for network in self._trusted)
+            known = self._listed(peer)
             if len(self._trusted_cache) < 4096:
                 self._trusted_cache[peer] = known
         return known
+
+    def _listed(self, text: str) -> bool:
+        """Whether `text` is an address in trusted_proxies."""
+        try:
+            address: IPv4Address | IPv6Address = ip_address(text)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
 
     def client_address(self, inbound: CIMultiDictProxy[str] | MultiMapping[str], peer: str | None) -> str:
         """The client a request comes from, for per-address limits (README "Rate limits").
@@ -156,7 +159,7 @@ class HeaderPolicy:
             entries = ",".join(inbound.getall("X-Forwarded-For")).split(",")
             for entry in reversed(entries):
                 client = _without_port(entry.strip()[:64]) or "unknown"
-                if not self.is_trusted(client):
+                if not self._listed(client):  # not cached: these are the clients' words
                     break
         if ":" not in client:
             return client

@@ -17,18 +17,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config import RateLimitConfig
-from gateway.errors import RateLimited, StoreUnavailable
+from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limit, RateHeaders, Verdict, decide, limit_item, policy_item, retry_after_header
 from gateway.redis_client import RedisClient, RedisFailure
 from gateway.store import Principal
 
 log = logging.getLogger("gateway.limiter")
+T = TypeVar("T")
 
 STORE_TIMEOUT = 0.25  # seconds a request waits for Redis before on_store_error decides
 _RETRY_DOWN = 0.5  # seconds between attempts while Redis is down (requests meanwhile skip it)
@@ -153,6 +154,7 @@ class RedisStore:
 
     def __init__(self, url: str, *, timeout: float = STORE_TIMEOUT) -> None:
         self._client = RedisClient(url, timeout=timeout)
+        self._timeout = timeout
 
     async def apply(self, checks: Sequence[Check], consume: bool) -> list[Verdict]:
         """Each check's verdict, decided and (with `consume`) committed on the server in one step."""
@@ -160,9 +162,10 @@ class RedisStore:
         args.extend(KEY_PREFIX + check.key for check in checks)
         args.append(1 if consume else 0)
         for check in checks:
-            interval = check.limit.interval
-            args.append(round(interval * 1_000_000))
-            args.append(round(interval * check.limit.burst * 1_000_000))
+            interval = round(check.limit.interval * 1_000_000)  # ≥ 1: limit_problems sees to it
+            args.append(interval)
+            args.append(interval * check.limit.burst)
+        deadline = time.monotonic() + self._timeout  # one bound for both calls below
         try:
             try:
                 raw = await self._client.call("EVALSHA", _SCRIPT_SHA, *args)
@@ -170,7 +173,10 @@ class RedisStore:
                 if "NOSCRIPT" not in str(exc):
                     raise
                 # Redis restarted or its script cache was flushed: EVAL loads it again.
-                raw = await self._client.call("EVAL", _SCRIPT, *args)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                raw = await self._client.call("EVAL", _SCRIPT, *args, timeout=left)
         except RedisFailure as exc:
             raise StoreFailed(str(exc)) from None
         if not isinstance(raw, list) or len(raw) != 3 * len(checks):
@@ -216,25 +222,64 @@ class RateLimiter:
         # The memory store answers at once: called directly, without a coroutine per check.
         self._memory = self.store if isinstance(self.store, MemoryStore) else None
         self._metrics = metrics
-        self._policies: dict[tuple[str, int, int, int], tuple[tuple[Limit, ...], str]] = {}
+        self._policies: dict[tuple[tuple[str, Limit], ...], str] = {}
+        self._fallback = MemoryStore()  # failed credential checks while the store is down
+        # Credential checks in flight: client address → credential → requests checking it.
+        self._checking: dict[str, dict[str, int]] = {}
         self._down = False  # the store failed and has not answered since
         self._retry_at = 0.0  # monotonic time of the next attempt while down
 
-    async def check_address(self, config: RateLimitConfig, address: str) -> None:
-        """Refuse (429) a client address over `auth_failures`, before its credential is looked at."""
+    async def guard(
+        self, config: RateLimitConfig, address: str, credential: str, check: Callable[[], Awaitable[T]]
+    ) -> T:
+        """`check()` of `credential` under `auth_failures`: an address over it gets 429 before its
+        credential is looked at (so guessing never reaches the store), and a refusal that
+        `guessed` counts one failure.
+
+        Different credentials of the address still being checked count against it too: else a
+        guesser with a thousand requests open at once would pass a thousand times before its
+        first 401. (Many requests with one credential, a client's usual concurrency, count once.)
+        """
         limit = config.auth_failures
         if limit is None:
-            return
+            return await check()
+        checking = self._checking.setdefault(address, {})
+        checking[credential] = checking.get(credential, 0) + 1
+        try:
+            await self._check_address(config, limit, address, len(checking))
+            return await check()
+        except GatewayError as error:
+            if error.guessed:
+                error.extra_headers = await self.failed(config, address)
+            raise
+        finally:
+            left = checking.pop(credential) - 1
+            if left:
+                checking[credential] = left
+            elif not checking:
+                del self._checking[address]
+
+    async def _check_address(
+        self, config: RateLimitConfig, limit: Limit, address: str, in_flight: int
+    ) -> None:
+        """429 unless `address` has room for `in_flight` more failures (this request's included)."""
         key = "a:" + address
-        if self._memory is not None and self._memory.idle(key):
+        if self._memory is not None and in_flight <= limit.burst and self._memory.idle(key):
             return  # the usual case: no failure counted for this address
         check = Check("auth", key, limit)
         verdicts = await self._apply(config, (check,), consume=False)
-        if verdicts is not None and not verdicts[0].allowed:
-            raise RateLimited(
-                "too many failed credential checks from this address; try again later",
-                self._headers((check,), verdicts, refused=verdicts[0]),
-            )
+        if verdicts is None:
+            return
+        verdict = verdicts[0]
+        if verdict.allowed and verdict.remaining + 1 >= in_flight:
+            return
+        if verdict.allowed:
+            # Full only with the checks in flight: one more may come once they have ended.
+            verdict = verdict._replace(allowed=False, remaining=0, retry_after=1.0)
+        raise RateLimited(
+            "too many failed credential checks from this address; try again later",
+            self._headers((check,), (verdict,), refused=verdict),
+        )
 
     async def failed(self, config: RateLimitConfig, address: str) -> RateHeaders:
         """Count one failed credential check of `address`; the headers for its refusal."""
@@ -242,7 +287,7 @@ class RateLimiter:
         if limit is None:
             return ()
         check = Check("auth", "a:" + address, limit)
-        verdicts = await self._apply(config, (check,), consume=True, failing=True)
+        verdicts = await self._apply(config, (check,), consume=True)
         return () if verdicts is None else self._headers((check,), verdicts)
 
     async def admit(
@@ -270,9 +315,13 @@ class RateLimiter:
         return self._headers(checks, verdicts)
 
     async def _apply(
-        self, config: RateLimitConfig, checks: Sequence[Check], *, consume: bool, failing: bool = False
+        self, config: RateLimitConfig, checks: Sequence[Check], *, consume: bool
     ) -> list[Verdict] | None:
-        """The store's verdicts; None when it failed and `on_store_error: allow` lets the request on."""
+        """The store's verdicts; None when it failed and `on_store_error: allow` lets the request on.
+
+        Failed credential checks are counted in this process's memory while the store is down:
+        guessing must not become unlimited (allow) nor lock everybody out (deny) in an outage.
+        """
         if self._memory is not None:
             return self._memory.apply_now(checks, consume, time.monotonic())
         now = time.monotonic()
@@ -291,8 +340,10 @@ class RateLimiter:
                 )
             if self._retry_at <= now:
                 self._retry_at = now + _RETRY_DOWN
-            if config.on_store_error == "allow" or failing:
-                return None  # a failure is refused anyway (401); only its counting is lost
+            if checks[0].policy == "auth":
+                return self._fallback.apply_now(checks, consume, now)
+            if config.on_store_error == "allow":
+                return None
             raise StoreUnavailable("the rate-limit store cannot be reached") from exc
         if self._down:
             self._down = False
@@ -318,17 +369,13 @@ class RateLimiter:
 
     def _policy(self, checks: Sequence[Check]) -> str:
         """The `RateLimit-Policy` value for `checks`, built once per set of limits."""
-        # Keyed by identity: the limits are the config's and the cached principals' own objects,
-        # kept alive in the value so an id is never reused while its entry lives.
-        first = checks[0]
-        key = (first.policy, id(first.limit), id(checks[-1].limit), len(checks))
-        known = self._policies.get(key)
-        if known is not None:
-            return known[1]
-        policy = ", ".join(policy_item(check.policy, check.limit) for check in checks)
-        if len(self._policies) >= 1024:
-            self._policies.clear()
-        self._policies[key] = (tuple(check.limit for check in checks), policy)
+        key = tuple((check.policy, check.limit) for check in checks)
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = ", ".join(policy_item(name, limit) for name, limit in key)
+            if len(self._policies) >= 1024:
+                self._policies.clear()
+            self._policies[key] = policy
         return policy
 
     def reconfigure(self, config: RateLimitConfig) -> None:

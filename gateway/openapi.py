@@ -15,6 +15,7 @@ from typing import Final
 from gateway.admin_api import MAX_BODY_BYTES, MAX_DESCRIPTION, MAX_LIST, MAX_ORIGIN
 from gateway.errors import Refusal
 from gateway.ratelimit import MAX_COUNT as MAX_RATE_COUNT
+from gateway.ratelimit import PERIOD_PATTERN
 from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN
 
 JSONObject = dict[str, object]
@@ -84,7 +85,7 @@ _TOKEN_FIELDS: Final[dict[str, JSONObject]] = {
 _COUNT: Final[JSONObject] = {"type": "integer", "minimum": 1, "maximum": MAX_RATE_COUNT}
 _PERIOD: Final[JSONObject] = {
     "type": "string",
-    "pattern": r"^([0-9]+(\.[0-9]+)?)?[smh]$",
+    "pattern": PERIOD_PATTERN,
     "description": "a number with s, m or h (1s, 30s, 1m, 1h), at most 24h",
 }
 _RATE_LIMIT: Final[JSONObject] = {

@@ -109,6 +109,7 @@ class Forwarder:
         target: str,
         headers: CIMultiDict[str],
         cors_headers: dict[str, str] | None,
+        rate_headers: RateHeaders = (),
         request_id: str,
         outcome: Outcome,
         limits: ClientLimits,
@@ -134,7 +135,7 @@ class Forwarder:
             return upstream
         try:
             return await self._relay(
-                request, upstream, cors_headers, request_id, outcome, limits.send_timeout
+                request, upstream, cors_headers, request_id, outcome, limits.send_timeout, rate_headers
             )
         finally:
             upstream.release()

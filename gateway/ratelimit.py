@@ -8,8 +8,9 @@ checked.
 GCRA (the generic cell rate algorithm) keeps one number per key: the theoretical arrival
 time (TAT) of the next request if the key sent exactly at its rate. A request is admitted
 when it arrives no earlier than TAT minus the burst tolerance; admitting it moves TAT on
-by one emission interval. A refused request changes nothing (it consumes nothing), and the
-state is one float, so a store can apply it atomically in one step.
+by one emission interval. A refused request consumes nothing (the one change it may bring is
+a TAT left by a stricter limit clamped to this limit's empty bucket), and the state is one
+float, so a store can apply it atomically in one step.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import NamedTuple
 RateHeaders = tuple[tuple[str, str], ...]
 """`RateLimit-Policy` and `RateLimit` (and on a refusal `Retry-After`) header lines for one answer."""
 
-_PERIOD_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)?([smh])$")
+PERIOD_PATTERN = r"^([0-9]+(?:\.[0-9]+)?)?([smh])$"  # also the OpenAPI document's
+_PERIOD_RE = re.compile(PERIOD_PATTERN)
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_COUNT = 1_000_000_000  # the largest rate and burst
 _MAX_PERIOD = 86400.0
+_MIN_INTERVAL = 1e-6  # seconds between two requests at the steady rate
 _SPEC_RE = re.compile(r"^([0-9]+)/([^:]+)(?::([0-9]+))?$")
 
 
@@ -71,16 +74,22 @@ def format_period(seconds: float) -> str:
 def limit_problems(rate: object, per: object, burst: object = None) -> list[tuple[str, str]]:
     """Every (field, problem) of a limit's three fields as written (YAML, JSON); empty when usable."""
     problems = []
-    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= MAX_COUNT:
+    good_rate = not isinstance(rate, bool) and isinstance(rate, int) and 1 <= rate <= MAX_COUNT
+    if not good_rate:
         problems.append(("rate", f"must be an integer from 1 to {MAX_COUNT} per period, not {rate!r}"))
+    seconds = 0.0
     if not isinstance(per, str):
         problems.append(("per", f"must be a period such as 1s, 1m or 1h, not {per!r}"))
     else:
         try:
-            if parse_period(per) > _MAX_PERIOD:
-                problems.append(("per", f"{per!r} is longer than a day (24h)"))
+            seconds = parse_period(per)
         except ValueError as exc:
             problems.append(("per", str(exc)))
+        if seconds > _MAX_PERIOD:
+            problems.append(("per", f"{per!r} is longer than a day (24h)"))
+    if isinstance(rate, int) and not problems and seconds / rate < _MIN_INTERVAL:
+        # The stores count whole microseconds between two requests.
+        problems.append(("rate", f"{rate} per {per} is more than a million a second"))
     bad_burst = isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_COUNT
     if burst is not None and bad_burst:
         problems.append(("burst", f"must be an integer from 1 to {MAX_COUNT} at once, not {burst!r}"))
@@ -117,7 +126,7 @@ class Verdict(NamedTuple):
     allowed: bool
     remaining: int  # requests that would be admitted right now after this one
     retry_after: float  # seconds until one more would be admitted (0 when some are left)
-    tat: float  # the key's new theoretical arrival time (unchanged when refused)
+    tat: float  # the key's new theoretical arrival time (when refused: only ever clamped)
 
 
 def decide(limit: Limit, tat: float | None, now: float) -> Verdict:

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 _MAX_IN_FLIGHT = 10_000  # commands awaiting replies; beyond that Redis is too slow to wait for
+_TIMEOUTS_BEFORE_RECONNECT = 3
 
 
 class RedisFailure(Exception):
@@ -130,20 +131,35 @@ class RedisClient:
         self._timeout = timeout
         self._protocol: _Protocol | None = None
         self._opening: asyncio.Task[_Protocol] | None = None
+        self._timeouts = 0  # calls in a row that got no answer in time
 
-    async def call(self, *args: bytes | str | int) -> object:
-        """One command's reply (an error reply raises RedisFailure with Redis's message)."""
+    async def call(self, *args: bytes | str | int, timeout: float | None = None) -> object:
+        """One command's reply (an error reply raises RedisFailure with Redis's message), within
+        `timeout` seconds (default: the client's)."""
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout if timeout is None else timeout):
                 protocol = self._protocol
                 if protocol is None or protocol.closed:
                     protocol = await self._connection()
                 reply = await protocol.send(args)
         except TimeoutError:
+            self._timed_out()
             raise RedisFailure("Redis did not answer in time") from None
+        self._timeouts = 0
         if isinstance(reply, hiredis.ReplyError):
             raise RedisFailure(f"Redis refused the command: {str(reply)[:200]}")
         return reply
+
+    def _timed_out(self) -> None:
+        # A link that died without a reset (the Redis host gone) stays "open" for minutes:
+        # after a few calls in a row without an answer, drop it and connect again.
+        self._timeouts += 1
+        protocol = self._protocol
+        if self._timeouts >= _TIMEOUTS_BEFORE_RECONNECT and protocol is not None:
+            self._timeouts = 0
+            self._protocol = None
+            if protocol.transport is not None:
+                protocol.transport.abort()
 
     async def _connection(self) -> _Protocol:
         # One opening at a time, shared by every caller that needs it; a caller's timeout

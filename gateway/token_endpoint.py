@@ -85,12 +85,7 @@ class TokenEndpoint:
         if request.method != "POST":
             return Answer(_method_not_allowed("POST"), Refusal.METHOD_NOT_ALLOWED)
         limits = settings.config.rate_limits
-        address = None
         try:
-            if limits.auth_failures is not None:
-                # A wrong secret is a failed credential check like a bad bearer (README "Rate limits").
-                address = settings.headers.client_address(request.headers, request.remote)
-                await self._limiter.check_address(limits, address)
             body = await _read_body(request, settings.config.client.body_timeout)
             asked = parse_token_request(
                 query=query,
@@ -98,13 +93,19 @@ class TokenEndpoint:
                 authorization=request.headers.getall("Authorization", []),
                 body=body,
             )
-            return await self._mint(settings, asked.key_id, asked.secret, asked.scope)
+
+            async def mint() -> Answer:
+                return await self._mint(settings, asked.key_id, asked.secret, asked.scope)
+
+            if limits.auth_failures is None:
+                return await mint()
+            # A wrong secret is a failed credential check like a bad bearer (README "Rate limits").
+            address = settings.headers.client_address(request.headers, request.remote)
+            return await self._limiter.guard(limits, address, asked.key_id + ":" + asked.secret, mint)
         except OAuthError as error:
             self._exchanges.labels(error.error).inc()
-            if address is not None and error.message == _BAD_CLIENT:  # a secret checked and wrong
-                error.extra_headers = await self._limiter.failed(limits, address)
             return Answer(_oauth_response(error), error.refusal)
-        except GatewayError as error:  # the store is unreachable (503), a body that timed out (408)
+        except GatewayError as error:  # the store is unreachable (503), a body that timed out (408), 429
             self._exchanges.labels(error.refusal.value).inc()
             return Answer(refusal(error, request_id), error.refusal)
 
@@ -112,7 +113,7 @@ class TokenEndpoint:
         self, settings: Settings, key_id: str, secret: str, scope: tuple[str, ...] | None
     ) -> Answer:
         if not tokens.is_well_formed(secret, tokens.KEY_PREFIX):
-            raise OAuthError("invalid_client", _BAD_CLIENT, status=401)
+            raise OAuthError("invalid_client", _BAD_CLIENT, status=401, guessed=True)
         digest = tokens.digest(secret)
         try:
             # Under its own prefix: a token lookup (by a bare digest) must never find an API key.
@@ -120,9 +121,9 @@ class TokenEndpoint:
             now = self._clock()
             check_state(key, now)
         except Unauthenticated:
-            raise OAuthError("invalid_client", _BAD_CLIENT, status=401) from None
+            raise OAuthError("invalid_client", _BAD_CLIENT, status=401, guessed=True) from None
         if not secrets.compare_digest(key.token_id.encode(), key_id.encode()) or key.kind != "service":
-            raise OAuthError("invalid_client", _BAD_CLIENT, status=401)
+            raise OAuthError("invalid_client", _BAD_CLIENT, status=401, guessed=True)
         carried = settings.table.carried(key.token_roles, key.user_roles)
         roles = carried
         if scope is not None:

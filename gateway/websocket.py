@@ -320,6 +320,7 @@ class WebSocketRelay:
                 target=target,
                 headers=headers,
                 cors_headers=cors_headers,
+                rate_headers=decision.rate_headers,
                 request_id=request_id,
                 outcome=outcome,
                 limits=limits,
@@ -335,6 +336,8 @@ class WebSocketRelay:
             client = ClientSocket(chosen)
             if cors_headers:
                 client.headers.update(cors_headers)
+            for name, value in decision.rate_headers:
+                client.headers.add(name, value)
             client.headers["X-Request-Id"] = request_id
             try:
                 await client.prepare(request)

@@ -83,7 +83,11 @@ def rate_limit_text(limit: Limit | None) -> str | None:
     if limit is None:
         return None
     text = format_spec(limit)
-    if parse_spec(text) != limit:
+    try:
+        stored = parse_spec(text)
+    except ValueError:
+        stored = None
+    if stored != limit:
         raise Invalid("rate_limit.per", f"per: {limit.per!r} seconds has too many decimals; use at most ten")
     return text
 
