@@ -250,8 +250,9 @@ class Upstreams:
 
 
 def write_ws_config(directory: Path, upstreams: Upstreams) -> Path:
-    """routes: echo and deep (WebSocket upstream, `websocket: true`), strip (JSON echo upstream,
-    no `websocket`), browser (cors, `websocket: true`), raw (the raw upstream, `websocket: true`)."""
+    """routes: echo and deep (WebSocket upstream, `websocket: true`; deep has a rate limit), strip
+    (JSON echo upstream, no `websocket`), browser (cors, `websocket: true`), raw (the raw upstream,
+    `websocket: true`)."""
     (directory / "policies").mkdir(exist_ok=True)
     (directory / "policies" / "policy.yaml").write_text(textwrap.dedent(POLICIES))
     config = directory / "gateway.yaml"
@@ -264,6 +265,7 @@ def write_ws_config(directory: Path, upstreams: Upstreams) -> Path:
         "routes:\n"
         f'  - name: echo\n    prefix: /echo\n    upstream: "{ws}"\n    timeout: 2\n    websocket: true\n'
         f'  - name: deep\n    prefix: /echo/deep\n    upstream: "{ws}"\n    websocket: true\n'
+        "    rate_limit: {rate: 1000, per: 1s}\n"
         f'  - name: strip\n    prefix: /strip\n    upstream: "{echo}"\n    strip_prefix: true\n'
         f'  - name: browser\n    prefix: /app\n    upstream: "{ws}"\n    websocket: true\n'
         "    cors:\n"
@@ -551,6 +553,18 @@ async def test_the_authorization_header_works_too(env: Env) -> None:
         assert values(received, "Sec-WebSocket-Protocol") == []
         assert hello["protocol"] is None
         assert all(env.token not in value for _, value in received)
+
+
+async def test_the_101_carries_the_rate_limit_headers(env: Env) -> None:
+    async with websocket(
+        # deep requires other:read: the outsider's
+        env.url(f"/echo/deep/ws?id={rid('rate')}"), headers={"Authorization": f"Bearer {env.outsider}"}
+    ) as connected:
+        answer = connected.seen.response
+        assert answer is not None
+        assert answer.getall("RateLimit-Policy") == ['"route";q=1000;w=1']
+        [state] = answer.getall("RateLimit")
+        assert state.startswith('"route";r=') and state.endswith(";t=0")
 
 
 # --------------------------------------------------------------------------- 3: close codes, log
