@@ -243,10 +243,16 @@ class RateLimiter:
         limit = config.auth_failures
         if limit is None:
             return await check()
-        checking = self._checking.setdefault(address, {})
-        checking[credential] = checking.get(credential, 0) + 1
+        checking = self._checking.get(address)
+        if checking is None:
+            checking = self._checking[address] = {credential: 1}
+        else:
+            checking[credential] = checking.get(credential, 0) + 1
         try:
-            await self._check_address(config, limit, address, len(checking))
+            memory = self._memory
+            if memory is None or len(checking) > limit.burst or not memory.idle("a:" + address):
+                # Not the usual case (nothing counted, little in flight): ask the store.
+                await self._check_address(config, limit, address, len(checking))
             return await check()
         except GatewayError as error:
             if error.guessed:
@@ -263,10 +269,7 @@ class RateLimiter:
         self, config: RateLimitConfig, limit: Limit, address: str, in_flight: int
     ) -> None:
         """429 unless `address` has room for `in_flight` more failures (this request's included)."""
-        key = "a:" + address
-        if self._memory is not None and in_flight <= limit.burst and self._memory.idle(key):
-            return  # the usual case: no failure counted for this address
-        check = Check("auth", key, limit)
+        check = Check("auth", "a:" + address, limit)
         verdicts = await self._apply(config, (check,), consume=False)
         if verdicts is None:
             return
@@ -298,14 +301,16 @@ class RateLimiter:
         if user_limit is None and route_limit is None:
             return ()
         user = principal.user
-        checks: tuple[Check, ...] = ()
-        if user_limit is not None:
-            checks = (Check("user", "u:" + user, user_limit),)
-        if route_limit is not None:
-            checks += (Check("route", f"r:{route}:{user}", route_limit),)
-        verdicts = await self._apply(config, checks, consume=True)
-        if verdicts is None:
-            return ()
+        by_route = () if route_limit is None else (Check("route", f"r:{route}:{user}", route_limit),)
+        checks = by_route if user_limit is None else (Check("user", "u:" + user, user_limit), *by_route)
+        memory = self._memory
+        if memory is not None:
+            verdicts = memory.apply_now(checks, True, time.monotonic())
+        else:
+            found = await self._apply(config, checks, consume=True)
+            if found is None:
+                return ()
+            verdicts = found
         refused = [verdict for verdict in verdicts if not verdict.allowed]
         if refused:
             worst = max(refused, key=lambda verdict: verdict.retry_after)

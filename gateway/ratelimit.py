@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 RateHeaders = tuple[tuple[str, str], ...]
@@ -39,16 +39,16 @@ class Limit:
     rate: float
     per: float
     burst: int
+    # Derived once (a limit is checked on every request): not compared, not shown.
+    interval: float = field(init=False, repr=False, compare=False)  # seconds between two at the rate
+    tolerance: float = field(init=False, repr=False, compare=False)  # interval × burst
+    window: int = field(init=False, repr=False, compare=False)  # whole seconds to earn the burst (`w`)
 
-    @property
-    def interval(self) -> float:
-        """Seconds between two requests at the steady rate (GCRA's emission interval)."""
-        return self.per / self.rate
-
-    @property
-    def window(self) -> int:
-        """Whole seconds an idle key takes to earn its whole burst (the header's `w`)."""
-        return max(1, math.ceil(self.burst * self.interval))
+    def __post_init__(self) -> None:
+        interval = self.per / self.rate
+        object.__setattr__(self, "interval", interval)
+        object.__setattr__(self, "tolerance", interval * self.burst)
+        object.__setattr__(self, "window", max(1, math.ceil(self.burst * interval)))
 
 
 def parse_period(text: str) -> float:
@@ -131,8 +131,8 @@ class Verdict(NamedTuple):
 
 def decide(limit: Limit, tat: float | None, now: float) -> Verdict:
     """Admit or refuse one request of a key whose stored TAT is `tat` (None: never seen)."""
-    interval = limit.per / limit.rate
-    tolerance = interval * limit.burst
+    interval = limit.interval
+    tolerance = limit.tolerance
     current = now if tat is None or tat < now else tat
     if current > now + tolerance:
         # Counted under a stricter limit (a reload or a user's new limit): an empty bucket of
