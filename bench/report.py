@@ -404,7 +404,27 @@ def _history(previous: Path) -> list[str]:
     for line in tail.splitlines():
         if line.startswith("| ") and not line.startswith("| date ") and not re.match(r"^\|[\s|:-]+\|$", line):
             rows.append(line)
-    return rows[:HISTORY_KEEP]
+    # Once: the previous run's headline may already be in its table (added with its notes).
+    return list(dict.fromkeys(rows))[:HISTORY_KEEP]
+
+
+def _history_notes(previous: Path) -> list[str]:
+    """The paragraphs written by hand above the previous file's History table (kept as they are)."""
+    try:
+        text = previous.read_text()
+    except OSError:
+        return []
+    _, _, tail = text.partition("\n## History")
+    notes: list[str] = []
+    for line in tail.splitlines()[1:]:
+        if line.startswith("| date "):
+            break
+        if line.startswith("Headline numbers of earlier runs"):
+            continue
+        notes.append(line)
+    while notes and not notes[0].strip():
+        notes.pop(0)
+    return notes
 
 
 def render(results: Results, previous: Path) -> str:
@@ -691,6 +711,7 @@ def render(results: Results, previous: Path) -> str:
     add("")
     add("Headline numbers of earlier runs (newest first; (c) is the gateway on SQLite unless marked PG).")
     add("")
+    out.extend(_history_notes(previous))
     add(HISTORY_HEADER)
     add("|" + "---|" * HISTORY_HEADER.count(" | ") + "---|")
     out.extend(_history(previous))
