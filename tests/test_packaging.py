@@ -46,3 +46,12 @@ def test_readme_set_up_commands_are_the_ci_commands() -> None:
     test_command = "pip install '.[test]' && ruff check . && mypy && python -m pytest"
     assert test_command in readme
     assert test_command in ci
+
+
+def test_version_is_the_installed_distributions() -> None:
+    import importlib.metadata
+
+    argv = [sys.executable, "-m", "gateway", "--version"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"gateway {importlib.metadata.version('service-user-gateway')}\n"

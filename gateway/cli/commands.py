@@ -12,6 +12,7 @@ from typing import TextIO
 
 import click
 
+from gateway import __version__
 from gateway.cli.output import (
     RateLimitType,
     TimeType,
@@ -57,6 +58,7 @@ pass_session = click.make_pass_decorator(Session)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="gateway", message="%(prog)s %(version)s")
 @click.option(
     "--config",
     metavar="PATH",
