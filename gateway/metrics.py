@@ -1,6 +1,6 @@
 """Prometheus metrics of one gateway process, served on the admin listener at /metrics.
 
-Imports: prometheus-client only.
+Imports: prometheus-client; the package's version.
 
 Labels are bounded sets (route names from the config, status codes, the closed set of
 refusal codes); never a user, token, path or query.
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from gateway import __version__
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -43,11 +45,38 @@ class TokenCacheCounters(Collector):
         )
 
 
+class InFlight(Collector):
+    """Requests being handled now: a plain int the pipeline moves (no lock per request), read
+    at the scrape."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """`gateway_requests_in_flight`."""
+        yield GaugeMetricFamily(
+            "gateway_requests_in_flight", "Proxy-listener requests being handled now.", value=self.count
+        )
+
+
 class Metrics:
     """The counters and histograms one process exposes (own registry: no globals)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes…
+        about = "The running gateway's version (always 1)."
+        info = Gauge("gateway_build_info", about, ["version"], registry=self.registry)
+        info.labels(__version__).set(1)
+        self.in_flight = InFlight()
+        self.registry.register(self.in_flight)
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole proxied requests, from the request's head to the answer's last byte (not WebSockets).",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
         self.requests = Counter(
             "gateway_requests",
             "Proxied requests by route and response status.",

@@ -19,7 +19,7 @@ import time
 
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from gateway.assertion import Assertions
 from gateway.cors import OriginIndex
@@ -67,11 +67,20 @@ class Pipeline:
         self._metrics = metrics
         # labels() is a lock and a dict walk; the children are looked up once per (route, status).
         self._request_counters: dict[tuple[str | None, int], Counter] = {}
+        self._durations: dict[str | None, Histogram] = {}
         self._origins = origins
         self._forward_auth = ForwardAuth(self.decider)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Run the pipeline for one request; never raises a GatewayError."""
+        in_flight = self._metrics.in_flight
+        in_flight.count += 1
+        try:
+            return await self._handle(request)
+        finally:
+            in_flight.count -= 1
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         settings = self.settings  # one version for the whole request, even across a reload
         request_id = request_id_from(request.headers)
@@ -285,6 +294,12 @@ class Pipeline:
                 metrics.rate_limited.labels(route_name or "").inc()
         if outcome.upstream_seconds is not None and route_name is not None:
             metrics.upstream_latency.labels(route_name).observe(outcome.upstream_seconds)
+        elapsed = time.perf_counter() - started
+        if status != 101:  # a WebSocket's line comes when it ends: its lifetime is no request's duration
+            duration = self._durations.get(route_name)
+            if duration is None:
+                duration = self._durations[route_name] = metrics.request_duration.labels(route_name or "")
+            duration.observe(elapsed)
         code = error.value if error is not None else outcome.error
         if outcome.client_gone:
             code = "client_disconnected"
@@ -299,7 +314,7 @@ class Pipeline:
             "status": status,
             "upstream_status": outcome.upstream_status,
             "error": code,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "duration_ms": round(elapsed * 1000, 3),
         }
         if extra is not None:
             line.update(extra)
