@@ -28,6 +28,12 @@ RUN chown 10001 /etc/gateway
 
 USER 10001
 WORKDIR /var/lib/gateway
+# The SQLite default lives here: keep it (and its WAL) on a volume, not in the container's layer.
+VOLUME ["/var/lib/gateway"]
 EXPOSE 8080 8081
+# Ready, not just alive: 503 while the store is unreachable past its grace or while draining.
+# The image has no curl; the admin address is the one GATEWAY_ADMIN_LISTEN names.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 CMD ["python", "-c", \
+    "import os, urllib.request; port = os.environ.get('GATEWAY_ADMIN_LISTEN', ':8081').rsplit(':', 1)[1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2)"]
 ENTRYPOINT ["gateway"]
 CMD ["serve"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -55,3 +56,41 @@ def test_version_is_the_installed_distributions() -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"gateway {importlib.metadata.version('service-user-gateway')}\n"
+
+
+def healthcheck_code() -> str:
+    """The Python the Dockerfile's HEALTHCHECK runs."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", "")
+    [line] = [line for line in text.splitlines() if line.startswith("HEALTHCHECK")]
+    return line.split('CMD ["python", "-c",', 1)[1].strip().removesuffix("]").strip().strip('"')
+
+
+async def test_the_image_healthcheck_asks_readyz_on_the_admin_address(tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.conftest import write_config
+    from tests.process import free_port, serving
+
+    config = write_config(tmp_path, store_url="sqlite+aiosqlite:///gateway.db", upstream_url="http://127.0.0.1:9")
+
+    async def check(admin: str) -> int:
+        env = {**os.environ, "GATEWAY_ADMIN_LISTEN": admin}
+        argv = [sys.executable, "-c", healthcheck_code()]
+        run = subprocess.run
+        done = await asyncio.to_thread(run, argv, env=env, capture_output=True, timeout=30, check=False)
+        return done.returncode
+
+    async with serving(config) as (process, _):
+        assert await check(process.admin.removeprefix("http://")) == 0
+    assert await check(f"0.0.0.0:{free_port()}") != 0  # nothing listening: unhealthy
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies_and_no_secret() -> None:
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    assert ignored[ignored.index("*") + 1 :][:5] == [
+        "!pyproject.toml", "!README.md", "!gateway/", "!gateway.yaml", "!policies/"
+    ]  # fmt: skip
+    assert "**/gateway.secret" in ignored and "**/*.db" in ignored
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    copied = {source for line in lines if line.startswith("COPY") for source in line.split()[1:-1]}
+    assert copied == {"pyproject.toml", "README.md", "gateway", "gateway.yaml", "policies"}
