@@ -8,13 +8,7 @@ from gateway.ratelimit import Limit, decide, limit_item, policy_item, retry_afte
 
 
 def run(limit: Limit, times: list[float]) -> list[bool]:
-    tat: float | None = None
-    admitted = []
-    for now in times:
-        verdict = decide(limit, tat, now)
-        admitted.append(verdict.allowed)
-        tat = verdict.tat
-    return admitted
+    return run_from(limit, None, times)
 
 
 def test_a_burst_is_admitted_whole_then_refused_with_the_time_to_wait() -> None:
@@ -50,6 +44,7 @@ def test_an_idle_key_earns_its_burst_back_and_no_more() -> None:
 
 
 def run_from(limit: Limit, tat: float | None, times: list[float]) -> list[bool]:
+    """Whether each request at `times` is admitted, starting from the key's stored `tat`."""
     admitted = []
     for now in times:
         verdict = decide(limit, tat, now)
