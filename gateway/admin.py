@@ -75,6 +75,7 @@ class AdminContext:
     changed: ChangeHook  # apply a change to user NAME on this instance before answering
     lifecycle: Lifecycle  # draining: /readyz is 503 so load balancers stop sending
     jwks: Callable[[], dict[str, Any]]  # the public signing keys (README "API keys and short-lived tokens")
+    refresh_metrics: Callable[[], None]  # values read at scrape time (cache size, feed health…)
 
 
 CONTEXT = web.AppKey("context", AdminContext)
@@ -177,9 +178,7 @@ async def readyz(request: web.Request) -> web.Response:
     """
     context = request.app[CONTEXT]
     if context.lifecycle.draining:
-        return web.json_response(
-            {"status": "draining", "detail": "the gateway is shutting down"}, status=503
-        )
+        return web.json_response({"status": "draining", "detail": "the gateway is shutting down"}, status=503)
     ping = asyncio.ensure_future(context.store.ping())
     ping.add_done_callback(retrieve_exception)
     done, _ = await asyncio.wait((ping,), timeout=context.feed.store_timeout)
@@ -193,11 +192,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this process's metrics."""
+    """Prometheus text exposition of the gateway's metrics (every worker's, under --workers)."""
     context = request.app[CONTEXT]
-    context.metrics.store_healthy.set(1 if context.feed.healthy else 0)
-    context.metrics.cached_identities.set(len(context.cache))
-    context.metrics.token_cache.update(context.authenticator.cache_hits, context.authenticator.cache_misses)
+    context.refresh_metrics()
     return web.Response(body=context.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

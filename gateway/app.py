@@ -29,7 +29,7 @@ from gateway.lifecycle import Lifecycle
 from gateway.limiter import RateLimiter
 from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
 from gateway.logs import flush_access_log, install_redaction
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Snapshot
 from gateway.pipeline import Pipeline
 from gateway.proxy import Forwarder
 from gateway.services import Directory
@@ -58,7 +58,9 @@ def warn_unverified(config: Config) -> None:
 class Gateway:
     """Everything one gateway process runs: store, caches, change feed, pipeline."""
 
-    def __init__(self, config: Config, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, config: Config, settings: Settings, store: Store, *, metrics_dir: str | None = None
+    ) -> None:
         self.config = config
         self.store = store
         self.cache = TokenCache(
@@ -76,7 +78,7 @@ class Gateway:
             store_timeout=self.feed.store_timeout,
         )
         self.upstreams = UpstreamClient()
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_dir)
         self.origins = OriginIndex()
         self.lifecycle = Lifecycle()
         self.connections = ConnectionBudget(limit=config.client.max_connections)
@@ -132,6 +134,18 @@ class Gateway:
             changed=self.changed,
             lifecycle=self.lifecycle,
             jwks=lambda: self.ring.jwks(time.time()),
+            refresh_metrics=self.refresh_metrics,
+        )
+
+    def refresh_metrics(self) -> None:
+        """Bring the values a scrape reads from the running gateway up to date."""
+        self.metrics.refresh(
+            Snapshot(
+                store_healthy=self.feed.healthy,
+                cached_identities=len(self.cache),
+                cache_hits=self.authenticator.cache_hits,
+                cache_misses=self.authenticator.cache_misses,
+            )
         )
 
     async def changed(self, user: str, *, origins: bool = True) -> None:
@@ -196,13 +210,15 @@ class Gateway:
                 return
 
     @classmethod
-    async def open(cls, config: Config) -> Gateway:
-        """Validate the config, open (and migrate) the store, start background work."""
+    async def open(cls, config: Config, *, metrics_dir: str | None = None) -> Gateway:
+        """Validate the config, open (and migrate) the store, start background work.
+
+        `metrics_dir`: the directory `--workers N` share their metrics in (None: one process)."""
         install_redaction()
         settings = build_settings(config)
         warn_unverified(config)
         store = await open_store(config.store_url, migrate=True)
-        gateway = cls(config, settings, store)
+        gateway = cls(config, settings, store, metrics_dir=metrics_dir)
         try:
             gateway.ring, gateway._secret = await open_ring(store, config, os.environ)
         except BaseException:
@@ -222,6 +238,8 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             flush_access_log()
+            if self.metrics.shared:  # worker 0's scrape reads the other workers' files
+                self.refresh_metrics()
             ticks += 1
             if ticks % _LAST_USED_FLUSH_SECONDS == 0:
                 await self._flush_once()

@@ -391,4 +391,3 @@ class RateLimiter:
     async def close(self) -> None:
         """Close the store's connections."""
         await self.store.close()
-

@@ -111,7 +111,8 @@ class GuardedConnection(RequestHandler):
             assert isinstance(transport, asyncio.Transport)
             transport.write(
                 b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(_OVERLOADED)
+                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                % len(_OVERLOADED)
                 + _OVERLOADED
             )
             transport.close()

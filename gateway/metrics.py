@@ -1,18 +1,36 @@
-"""Prometheus metrics of one gateway process, served on the admin listener at /metrics.
+"""Prometheus metrics of the gateway, served on the admin listener at /metrics.
 
 Imports: prometheus-client; the package's version.
 
 Labels are bounded sets (route names from the config, status codes, the closed set of
 refusal codes); never a user, token, path or query.
+
+One process keeps its values in memory. Under `--workers N` every worker writes them to
+files in a directory the parent owns (prometheus-client's multiprocess mode) and worker 0's
+scrape sums them: one answer for the whole gateway. Values the request path keeps as plain
+ints (in flight, cache hits) and the process metrics are copied into those files by
+`refresh`, every second and at each scrape.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    values,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from gateway import __version__
@@ -63,17 +81,51 @@ class InFlight(Collector):
         )
 
 
-class Metrics:
-    """The counters and histograms one process exposes (own registry: no globals)."""
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the scrape reads from the running gateway rather than from the request path."""
 
-    def __init__(self) -> None:
+    store_healthy: bool
+    cached_identities: int
+    cache_hits: int
+    cache_misses: int
+
+
+def share_between_workers(directory: str) -> None:
+    """Make every metric created from now on in this process write its values to `directory`.
+
+    Called in a worker right after the fork, before its Metrics exist; the parent owns the
+    directory (creates it empty, removes it on exit).
+    """
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def worker_gone(directory: str, pid: int) -> None:
+    """Forget a dead worker's gauges (its counters and histograms stay in the sums)."""
+    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    """The counters and histograms of the gateway (own registry: no globals).
+
+    `shared_dir` is the multiprocess directory of `--workers N` (share_between_workers was
+    called); None for one process.
+    """
+
+    def __init__(self, shared_dir: str | None = None) -> None:
+        self.shared = shared_dir is not None
         self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes…
-        about = "The running gateway's version (always 1)."
-        info = Gauge("gateway_build_info", about, ["version"], registry=self.registry)
+        # Gauges say how workers combine: summed over the live ones, or their minimum.
+        info = Gauge(
+            "gateway_build_info",
+            "The running gateway's version (always 1).",
+            ["version"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
         info.labels(__version__).set(1)
         self.in_flight = InFlight()
-        self.registry.register(self.in_flight)
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",
             "Whole proxied requests, from the request's head to the answer's last byte (not WebSockets).",
@@ -94,7 +146,6 @@ class Metrics:
             registry=self.registry,
         )
         self.token_cache = TokenCacheCounters()
-        self.registry.register(self.token_cache)
         self.upstream_latency = Histogram(
             "gateway_upstream_response_seconds",
             "Time from sending a request upstream to its response headers.",
@@ -104,11 +155,15 @@ class Metrics:
         )
         self.store_healthy = Gauge(
             "gateway_store_healthy",
-            "1 while the change feed reads the store, else 0.",
+            "1 while the change feed reads the store, else 0 (every worker's, under --workers).",
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self.cached_identities = Gauge(
-            "gateway_cached_identities", "Identities currently in the token cache.", registry=self.registry
+            "gateway_cached_identities",
+            "Identities currently in the token cache.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.token_exchanges = Counter(
             "gateway_token_exchanges",
@@ -132,8 +187,85 @@ class Metrics:
             "WebSockets being relayed, by route.",
             ["route"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
+        if shared_dir is None:
+            ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, …_resident_memory_bytes
+            self.registry.register(self.in_flight)
+            self.registry.register(self.token_cache)
+            self._shared: SharedCopies | None = None
+            self._scrape = self.registry
+        else:
+            self._shared = SharedCopies(self.registry)
+            self._scrape = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self._scrape, path=shared_dir)  # type: ignore[no-untyped-call]
+
+    def refresh(self, now: Snapshot) -> None:
+        """Bring the values read at scrape time up to date (under --workers: into the shared files)."""
+        self.store_healthy.set(1 if now.store_healthy else 0)
+        self.cached_identities.set(now.cached_identities)
+        self.token_cache.update(now.cache_hits, now.cache_misses)
+        if self._shared is not None:
+            self._shared.copy(self.in_flight.count, now.cache_hits, now.cache_misses)
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric (of every worker, under --workers)."""
+        return generate_latest(self._scrape)
+
+
+# The process metrics, copied into counters and gauges that the shared files can hold, and
+# how workers combine: CPU time and memory add up, the oldest start time stands for the gateway.
+_Mode = Literal["livesum", "livemin"]
+_PROCESS_GAUGES: dict[str, tuple[_Mode, str]] = {
+    "process_virtual_memory_bytes": ("livesum", "Virtual memory size in bytes (all workers)."),
+    "process_resident_memory_bytes": ("livesum", "Resident memory size in bytes (all workers)."),
+    "process_open_fds": ("livesum", "Number of open file descriptors (all workers)."),
+    "process_max_fds": ("livemin", "Maximum number of open file descriptors (per worker)."),
+    "process_start_time_seconds": ("livemin", "Start time of the oldest worker since unix epoch in seconds."),
+}
+
+
+class SharedCopies:
+    """Under --workers: the values the request path keeps as plain ints, and the process
+    metrics, written to this worker's files on each `copy`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Proxy-listener requests being handled now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._hits = Counter(
+            "gateway_token_cache_hits", "Token lookups answered from the cache.", registry=registry
+        )
+        self._misses = Counter(
+            "gateway_token_cache_misses", "Token lookups that went to the store.", registry=registry
+        )
+        self._counted = (0, 0)
+        self._process = ProcessCollector(registry=None)
+        self._cpu = Counter(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds (all workers).",
+            registry=registry,
+        )
+        self._cpu_counted = 0.0
+        self._gauges = {
+            name: Gauge(name, about, registry=registry, multiprocess_mode=mode)
+            for name, (mode, about) in _PROCESS_GAUGES.items()
+        }
+
+    def copy(self, in_flight: int, hits: int, misses: int) -> None:
+        """Write this worker's current values."""
+        self._in_flight.set(in_flight)
+        counted_hits, counted_misses = self._counted
+        self._hits.inc(hits - counted_hits)
+        self._misses.inc(misses - counted_misses)
+        self._counted = (hits, misses)
+        for family in self._process.collect():
+            for found in family.samples:
+                if found.name == "process_cpu_seconds_total":
+                    self._cpu.inc(max(0.0, found.value - self._cpu_counted))
+                    self._cpu_counted = max(self._cpu_counted, found.value)
+                elif found.name in self._gauges:
+                    self._gauges[found.name].set(found.value)

@@ -13,8 +13,9 @@ them. The parent forwards SIGHUP only after it validated the new version itself 
 bad version is refused once, and every worker keeps the old one), turns SIGTERM and
 SIGINT into SIGUSR1 ("drain") for the workers, which ignore SIGTERM and SIGINT themselves
 (a signal to the whole process group drains once), and restarts a worker that died.
-Only worker 0 serves the admin listener, so `/metrics` describes one process and admin
-changes apply there at once (within 250 ms in the other workers, through the change feed).
+Only worker 0 serves the admin listener, so admin changes apply there at once (within
+250 ms in the other workers, through the change feed); its `/metrics` sums every worker's,
+which they write to files in a directory the parent makes and removes.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import gc
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -45,6 +48,7 @@ from gateway.listener import GuardedConnection
 from gateway.listener_tls import reload_pair, server_context
 from gateway.logs import configure as configure_logging
 from gateway.logs import flush_access_log
+from gateway.metrics import share_between_workers, worker_gone
 from gateway.store import open_store
 
 log = logging.getLogger("gateway.server")
@@ -76,10 +80,11 @@ async def run_worker(
     index: int = 0,
     *,
     supervised: bool = False,
+    metrics_dir: str | None = None,
 ) -> None:
     """Serve on the given sockets until SIGINT/SIGTERM (supervised: the parent's SIGUSR1), then
     drain; SIGHUP reloads routes, policies and certificates."""
-    gateway = await Gateway.open(config)
+    gateway = await Gateway.open(config, metrics_dir=metrics_dir)
     # Each worker builds its own TLS contexts: every worker serves TLS, and SIGHUP reloads them.
     contexts = [
         (name, server_context(tls), tls)
@@ -309,9 +314,18 @@ class Supervisor:
         self._admin = admin
         self._children: dict[int, int] = {}  # pid -> worker index
         self._stopping = False
+        self._metrics_dir = ""
 
     def run(self) -> None:
         """Fork the workers and supervise them until SIGTERM/SIGINT."""
+        # Private to this run: files of an earlier run (other pids) would be summed in.
+        self._metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        try:
+            self._supervise()
+        finally:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, self._reload)
@@ -328,6 +342,7 @@ class Supervisor:
             if pid not in self._children:
                 continue
             index = self._children.pop(pid)
+            worker_gone(self._metrics_dir, pid)
             if self._stopping:
                 continue
             log.error(
@@ -356,6 +371,7 @@ class Supervisor:
                     sock.close()
             if index != 0:
                 self._admin.close()
+            share_between_workers(self._metrics_dir)
             asyncio.run(
                 run_worker(
                     self._config,
@@ -363,6 +379,7 @@ class Supervisor:
                     self._admin if index == 0 else None,
                     index,
                     supervised=True,
+                    metrics_dir=self._metrics_dir,
                 )
             )
         except BaseException:  # a worker must never return into the parent's loop

@@ -227,5 +227,3 @@ def _exp_of(token: str) -> float:
         return float(claims["exp"])
     except (IndexError, ValueError, KeyError, TypeError):
         return 0.0
-
-

@@ -349,7 +349,6 @@ class WebSocketRelay:
             self.sockets.discard(socket)
         return client, ended
 
-
     async def _relay(self, client: ClientSocket, upstream: UpstreamSocket, socket: OpenSocket) -> Ended:
         started = time.monotonic()
         counts = [0, 0]  # bytes client → upstream, upstream → client

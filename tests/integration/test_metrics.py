@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -49,6 +52,81 @@ async def test_a_scrape_has_durations_in_flight_build_and_process_and_passes_pro
     assert sample(text, "process_cpu_seconds_total") > 0
     assert token not in text and "svc" not in text  # no user or credential in any label
 
+    await _promtool(text)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+async def _scrape(session: aiohttp.ClientSession, admin: str) -> str:
+    async with session.get(admin + "/metrics") as scraped:
+        assert scraped.status == 200
+        return await scraped.text()
+
+
+async def test_workers_share_one_scrape_that_keeps_a_dead_workers_counts(
+    tmp_path: Path, upstream: TestServer
+) -> None:
+    upstream_url = str(upstream.make_url("")).rstrip("/")
+    config = write_config(tmp_path, store_url="sqlite+aiosqlite:///gateway.db", upstream_url=upstream_url)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    sent = 40
+    async with serving(config, workers=2, extra_env={"TMPDIR": str(scratch)}) as (process, token):
+        bearer = {"Authorization": f"Bearer {token}"}
+        # A new connection each time: SO_REUSEPORT spreads them over both workers by source port.
+        for _ in range(sent):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(process.proxy + "/echo/a", headers=bearer) as allowed,
+            ):
+                assert allowed.status == 200
+        async with aiohttp.ClientSession() as session:
+            # Worker 1 writes its plain-int values (cache misses, in flight) once a second.
+            await asyncio.sleep(1.5)
+            text = await _scrape(session, process.admin)
+            assert sample(text, 'gateway_requests_total{route="echo",status="200"}') == sent
+            assert sample(text, 'gateway_request_duration_seconds_count{route="echo"}') == sent
+            # Each worker has its own cache: one miss and one cached identity in each.
+            assert sample(text, "gateway_token_cache_misses_total") == 2
+            assert sample(text, "gateway_token_cache_hits_total") == sent - 2
+            assert sample(text, "gateway_cached_identities") == 2
+            assert sample(text, "gateway_requests_in_flight") == 0
+            assert sample(text, "gateway_store_healthy") == 1
+            version = importlib.metadata.version("service-user-gateway")
+            assert sample(text, f'gateway_build_info{{version="{version}"}}') == 1
+            assert sample(text, "process_cpu_seconds_total") > 0
+            assert text.count("\nprocess_resident_memory_bytes ") == 1  # one sample: the sum
+            await _promtool(text)
+
+            # A worker that dies takes its gauges with it but not what it counted.
+            workers = _children(process.process.pid)
+            assert len(workers) == 2
+            memory = sample(text, "process_resident_memory_bytes")
+            os.kill(max(workers), signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            text = await _scrape(session, process.admin)
+            assert sample(text, 'gateway_requests_total{route="echo",status="200"}') == sent
+            assert sample(text, "gateway_cached_identities") == 1
+            assert sample(text, "process_resident_memory_bytes") < memory
+        assert [entry.name for entry in scratch.iterdir()] != []  # the directory is in use
+    # Stopped: the parent removed its directory.
+    await asyncio.sleep(0)
+    for _ in range(100):
+        if process.process.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert list(scratch.iterdir()) == []
+
+
+async def _promtool(text: str) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         message = "promtool (Debian's prometheus package) is needed to check the scrape"
