@@ -30,8 +30,10 @@ from gateway.limiter import RateLimiter
 from gateway.listener import ConnectionBudget, Guard, GuardedAppRunner, GuardedServer
 from gateway.logs import flush_access_log, install_redaction
 from gateway.metrics import Metrics, Snapshot
+from gateway.notify import Notifications
 from gateway.pipeline import Pipeline
 from gateway.proxy import Forwarder
+from gateway.retention import Retention
 from gateway.services import Directory
 from gateway.store import Change, Store, open_store
 from gateway.token_endpoint import TokenEndpoint
@@ -114,6 +116,12 @@ class Gateway:
         )
         self.feed.subscribe(self._on_changes)
         self.feed.subscribe(self.sockets.on_changes)
+        self.feed.subscribe_reset(self._read_everything_again)
+        self.retention = Retention(
+            store,
+            lambda: self.pipeline.settings.config.retention,
+            on_deleted=lambda table, count: self.metrics.retention_deleted.labels(table).inc(count),
+        )
         self.directory = Directory(store, lambda: self.pipeline.settings.table)
         self._tasks: list[asyncio.Task[None]] = []
         self._origin_refresh: asyncio.Task[None] | None = None
@@ -174,6 +182,17 @@ class Gateway:
         if any(change.user == SIGNING_CHANGE for change in changes):
             self._reload_ring_soon()
 
+    async def _read_everything_again(self) -> None:
+        """The change feed fell behind retention: whatever it missed, read it all again now."""
+        await self.origins.refresh(self.store)
+        await self._load_ring()
+        self.sockets.on_reload()  # every open socket is decided again on the fresh state
+
+    async def _load_ring(self) -> None:
+        ttl = self.pipeline.settings.config.signing.token_ttl
+        self.ring = await reload_ring(self.store, self._secret, ttl)
+        self.access.forget()  # a revoked key's tokens must not stay verified
+
     def _reload_ring_soon(self) -> None:
         if self._ring_reload is not None and not self._ring_reload.done():
             self._ring_reload.add_done_callback(lambda _: self._reload_ring_soon())
@@ -183,17 +202,14 @@ class Gateway:
     async def _reload_ring(self) -> None:
         """A signing key was rotated or revoked (here or elsewhere): read the ring again."""
         try:
-            ttl = self.pipeline.settings.config.signing.token_ttl
-            ring = await reload_ring(self.store, self._secret, ttl)
+            await self._load_ring()
         except (StoreUnavailable, ConfigError) as error:
             log.error("could not read the signing keys again; will retry", extra={"error": str(error)})
             await asyncio.sleep(1.0)
             self._reload_ring_soon()
             return
-        self.ring = ring
-        self.access.forget()  # a revoked key's tokens must not stay verified
         self.sockets.on_reload()  # nor the sockets they opened
-        log.info("signing keys reloaded", extra={"keys": [key.kid for key in ring.keys]})
+        log.info("signing keys reloaded", extra={"keys": [key.kid for key in self.ring.keys]})
 
     def _refresh_origins_soon(self) -> None:
         # Coalesce: one refresh in flight at a time, plus one more if changes arrived meanwhile.
@@ -230,7 +246,11 @@ class Gateway:
             asyncio.create_task(gateway.feed.run(), name="change-feed"),
             asyncio.create_task(gateway._housekeeping(), name="last-used"),
             asyncio.create_task(gateway.sockets.run(), name="websocket-checks"),
+            asyncio.create_task(gateway.retention.run(), name="retention"),
         ]
+        if store.dialect == "postgresql":
+            notifications = Notifications(store.engine, gateway.feed.wake)
+            gateway._tasks.append(asyncio.create_task(notifications.run(), name="change-notifications"))
         return gateway
 
     async def _housekeeping(self) -> None:

@@ -101,6 +101,13 @@ class TokenCache:
         for digest in self._by_user.pop(user, ()):
             self._known.pop(digest, None)
 
+    def clear(self) -> None:
+        """Forget every identity, known and unknown (the change feed lost track)."""
+        self.generation += 1
+        self._known.clear()
+        self._unknown.clear()
+        self._by_user.clear()
+
     def __len__(self) -> int:
         return len(self._known)
 

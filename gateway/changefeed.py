@@ -5,18 +5,25 @@ Imports: errors, store, auth (TokenCache, store_call_timeout, retrieve_exception
 Every mutation of users and tokens writes a row to the store's `changes` table in
 the same transaction (the CLI, the admin API of any instance). Each instance polls
 the newest rows every `interval` seconds, off the request path, and evicts the
-affected users from its identity cache. Cached identities are served only while the
+affected users from its identity cache; on PostgreSQL a notification (gateway.notify)
+wakes the poll at once. Cached identities are served only while the
 last successful poll is at most `outage_grace` seconds old, whatever poll is in flight,
 and every poll is cut off after `store_call_timeout(outage_grace)` (README "Freshness,
 outages and several instances").
+
+Retention removes old rows (gateway.retention) and records the newest id it removed. A
+poll whose cursor is below that horizon may have missed a change it can no longer read:
+it drops every cached identity and waits for the reset listeners (origins, signing keys)
+before the feed counts as healthy again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.auth import TokenCache, retrieve_exception, store_call_timeout
 from gateway.errors import StoreUnavailable
@@ -25,6 +32,7 @@ from gateway.store import Change, Store
 log = logging.getLogger("gateway.changefeed")
 
 Listener = Callable[[list[Change]], None]
+ResetListener = Callable[[], Awaitable[None]]
 
 _BATCH = 1000
 
@@ -62,6 +70,10 @@ class ChangeFeed:
         # on the silent link too): polls wait for it rather than open a connection each.
         self._abandoned: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
+        self._reset_listeners: list[ResetListener] = []
+        self._resetting = False
+        # Set by a change notification (PostgreSQL): the next poll starts at once.
+        self.wake = asyncio.Event()
 
     @property
     def store_timeout(self) -> float:
@@ -72,6 +84,10 @@ class ChangeFeed:
         """Call `listener` with every batch of changes (e.g. the CORS origin index)."""
         self._listeners.append(listener)
 
+    def subscribe_reset(self, listener: ResetListener) -> None:
+        """Await `listener` when the feed fell behind retention and everything must be read again."""
+        self._reset_listeners.append(listener)
+
     def trusted(self) -> bool:
         """Whether cached identities may still be served: the last successful poll is recent enough."""
         age = self._clock() - self._last_ok
@@ -80,7 +96,7 @@ class ChangeFeed:
     @property
     def healthy(self) -> bool:
         """Whether the store answers the feed: the last poll succeeded and the next one is not overdue."""
-        return not self._outage and self._clock() - self._last_ok <= self._cadence
+        return not self._outage and not self._resetting and self._clock() - self._last_ok <= self._cadence
 
     async def poll(self) -> None:
         """Read and apply every change since the last poll, within the store timeout; never raises
@@ -127,11 +143,31 @@ class ChangeFeed:
             self._cursor = await self._store.latest_change()
             return
         while True:
-            changes = await self._store.changes_since(self._cursor, limit=_BATCH)
+            horizon, changes = await self._store.feed_since(self._cursor, limit=_BATCH)
+            if horizon > self._cursor:
+                await self._reset(horizon)
+                return
             if changes:
                 self._apply(changes)
             if len(changes) < _BATCH:
                 return
+
+    async def _reset(self, horizon: int) -> None:
+        """Retention removed changes this instance never read: forget everything cached."""
+        log.warning(
+            "change feed fell behind retention: dropping every cached identity and reading again",
+            extra={"cursor": self._cursor, "horizon": horizon},
+        )
+        self._resetting = True
+        try:
+            latest = await self._store.latest_change()
+            self._cache.clear()
+            for listener in self._reset_listeners:
+                await listener()
+            # Only now: a reset cut short is done again by the next poll.
+            self._cursor = latest
+        finally:
+            self._resetting = False
 
     def _failed(self, why: str) -> None:
         if not self._outage:
@@ -146,11 +182,16 @@ class ChangeFeed:
             listener(changes)
 
     async def run(self) -> None:
-        """Poll forever (a background task of the server)."""
+        """Poll forever (a background task of the server): every `interval`, or at once when woken."""
         while True:
+            # Cleared before the read: a notification during it means one more poll right after.
+            self.wake.clear()
             try:
                 await self.poll()
             except Exception:
                 # A dead feed would refuse every cached identity after the grace: keep polling.
                 log.exception("change feed poll failed; polling again")
-            await asyncio.sleep(self._interval)
+            # Not wait_for: on 3.11 it can swallow a cancel that races the event, and close() hangs.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self.wake.wait()

@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError
 from gateway.errors import ConfigError
 from gateway.listener_tls import ListenerTls, check_pair
 from gateway.ratelimit import Limit, limit_problems, make_limit
+from gateway.timeparse import parse_duration
 from gateway.upstream_tls import UpstreamTls
 from gateway.yamlfile import HTTP_TOKEN_RE, LineDict, LineList, Validator, load_yaml_mapping
 
@@ -114,6 +115,18 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long the store keeps change-feed and audit rows (README "Retention"); None = for ever."""
+
+    changes: float | None = 3600.0
+    audit_events: float | None = 365 * 86400.0
+
+
+# Below a minute a gateway that missed a few polls would have to drop its whole cache.
+MIN_RETENTION = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Identity cache tuning (decisions are never cached)."""
 
@@ -145,6 +158,7 @@ class Config:
     warnings: tuple[str, ...] = ()  # "file:line: ..." worth logging at start, not fatal
     # sqlite+aiosqlite:////abs/path.db or postgresql+asyncpg://...; may hold a password, so not in repr
     store_url: str = field(default="", repr=False)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     policies_path: Path = Path("policies")  # absolute after load_config
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # Peers that may ask /.gateway/authz for decisions (README "Forward-auth"); none by default.
@@ -286,12 +300,13 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     warnings: list[str] = []
     found = {key: _listen(f, listeners, key, base, warnings) for key in ("proxy", "admin")}
     listen = {key: address for key, (address, _) in found.items()}
-    store = f.mapping(root, "store", "", ("url",))
+    store = f.mapping(root, "store", "", ("url", "retention"))
     store_url = ""
     try:
         store_url = _store_url(f.string(store, "url", "store") or "sqlite+aiosqlite:///gateway.db", base)
     except ValueError as exc:
         f.add(store.line_of("url"), "store.url", str(exc))
+    retention = _retention(f, f.mapping(store, "retention", "store", ("changes", "audit_events")))
     policies = f.string(root, "policies", "")
     if policies == "":
         f.add(root.line_of("policies"), "policies", "must name a folder or file")
@@ -366,6 +381,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         admin_tls=found["admin"][1],
         warnings=tuple(warnings),
         store_url=store_url,
+        retention=retention,
         policies_path=Path(os.path.normpath(base / (policies or "policies"))),
         trusted_proxies=tuple(trusted),
         forward_auth_peers=tuple(peers),
@@ -516,6 +532,31 @@ def _signing(f: Validator, node: LineDict, base: Path) -> SigningConfig:
         publish_ahead=f.number(node, "publish_ahead", "signing", defaults.publish_ahead, allow_zero=True),
         secret_key_file=None if not secret else Path(os.path.normpath(base / secret)),
     )
+
+
+def _retention(f: Validator, node: LineDict) -> RetentionConfig:
+    kept: dict[str, float | None] = {}
+    for key in ("changes", "audit_events"):
+        default = getattr(RetentionConfig(), key)
+        value = node.get(key, default)
+        if value == "never":
+            kept[key] = None
+            continue
+        if value is None or value == default:
+            kept[key] = default
+            continue
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            f.add(node.line_of(key), f"store.retention.{key}", f"{exc}, or never")
+            continue
+        if seconds < MIN_RETENTION:
+            f.add(
+                node.line_of(key), f"store.retention.{key}", f"must be at least 1m (or never), not {value!r}"
+            )
+            continue
+        kept[key] = seconds
+    return RetentionConfig(**kept)
 
 
 _RATE_LIMIT_KEYS = ("store", "on_store_error", "per_user", "auth_failures")

@@ -140,9 +140,14 @@ class GuardedConnection(RequestHandler):
             self._head_started = None  # a whole head is in: the request is the pipeline's now
 
     def close_if_idle(self) -> None:
-        """Close now unless a request is being handled (shutdown: aiohttp's own pre_shutdown
-        leaves an idle keep-alive connection open until the client closes it)."""
-        if not self._request_in_progress and not self._messages:
+        """Close now unless a request is being handled or its head is under way (shutdown:
+        aiohttp's own pre_shutdown leaves an idle keep-alive connection open until the client
+        closes it).
+
+        A connection accepted but not yet read is a head under way: its request may already wait
+        in the socket, and closing would reset it after a proxy in front sent it (a POST that
+        proxy may not retry). It gets its answer, with `Connection: close`, or the head timer's."""
+        if not self._request_in_progress and not self._messages and self._head_started is None:
             self.force_close()
 
     def _start_head(self) -> None:

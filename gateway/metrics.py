@@ -182,6 +182,12 @@ class Metrics:
             "Requests whose rate limits could not be checked because the store failed or was down.",
             registry=self.registry,
         )
+        self.retention_deleted = Counter(
+            "gateway_retention_deleted_rows",
+            "Rows retention removed from the store, by table (changes, audit_events).",
+            ["table"],
+            registry=self.registry,
+        )
         self.websockets_open = Gauge(
             "gateway_websockets_open",
             "WebSockets being relayed, by route.",

@@ -235,3 +235,16 @@ class Change(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     user_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
     token_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class FeedHorizon(Base):
+    """The one row saying which change-feed entries retention removed: every id ≤ `below`.
+
+    A gateway whose cursor is below it has missed changes it can no longer read, so it
+    drops every cached identity instead (README "Retention").
+    """
+
+    __tablename__ = "feed_horizon"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    below: Mapped[int] = mapped_column(Integer, default=0)

@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import StaticPool
 
 from gateway.errors import ConfigError, Conflict, StoreUnavailable
-from gateway.models import AllowedOrigin, ApiKey, RoleAssignment, ServiceUser, Token
+from gateway.models import AllowedOrigin, ApiKey, FeedHorizon, RoleAssignment, ServiceUser, Token
 from gateway.models import Change as ChangeRow
 from gateway.ratelimit import Limit, parse_spec
 
@@ -52,6 +52,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Arbitrary constants ("gw" + purpose) naming the PostgreSQL advisory locks we take.
 MIGRATION_LOCK = 0x6777_0001
 CHANGES_LOCK = 0x6777_0002
+RETENTION_LOCK = 0x6777_0003
 # Execution option that makes a SQLite transaction start with BEGIN IMMEDIATE.
 _IMMEDIATE = "gateway_sqlite_immediate"
 UNREACHABLE = "the store cannot be reached"
@@ -186,10 +187,11 @@ class Store:
             await connection.execute(statement, params)
 
     async def latest_change(self) -> int:
-        """The id of the newest change-feed entry, 0 when there is none."""
+        """The id of the newest change-feed entry (or the newest retention removed), 0 when none."""
         async with translate_errors(), self.sessions() as session:
             latest = await session.scalar(select(func.max(ChangeRow.id)))
-        return int(latest or 0)
+            horizon = await session.scalar(select(FeedHorizon.below).where(FeedHorizon.id == 1))
+        return max(int(latest or 0), int(horizon or 0))
 
     async def changes_since(self, cursor: int, limit: int = 1000) -> list[Change]:
         """Change-feed entries with id > `cursor`, oldest first, at most `limit`.
@@ -207,6 +209,25 @@ class Store:
                 )
             ).all()
         return [Change(id=row_id, user=user, token_id=token_id) for row_id, user, token_id in rows]
+
+    async def feed_since(self, cursor: int, limit: int = 1000) -> tuple[int, list[Change]]:
+        """Retention's horizon (every id up to it was removed) and `changes_since(cursor)`, in
+        one round trip: a poll must learn in the same read whether it can still trust its cursor.
+
+        Retention keeps the newest change, so a cursor below the horizon always gets at least
+        one row here, and with it the horizon (0 when nothing follows the cursor)."""
+        horizon = select(FeedHorizon.below).where(FeedHorizon.id == 1).scalar_subquery()
+        async with translate_errors(), self.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(ChangeRow.id, ChangeRow.user_name, ChangeRow.token_id, func.coalesce(horizon, 0))
+                    .where(ChangeRow.id > cursor)
+                    .order_by(ChangeRow.id)
+                    .limit(limit)
+                )
+            ).all()
+        changes = [Change(id=row_id, user=user, token_id=token_id) for row_id, user, token_id, _ in rows]
+        return (int(rows[0][3]) if rows else 0), changes
 
     async def active_origins(self) -> dict[str, frozenset[str]]:
         """Origin → names of the enabled service users that allow it (the CORS index)."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime
 
-__all__ = ["format_time", "parse_time", "to_utc", "utcnow"]
+__all__ = ["format_duration", "format_time", "parse_duration", "parse_time", "to_utc", "utcnow"]
 
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def utcnow() -> datetime:
@@ -52,3 +54,29 @@ def parse_time(text: str) -> datetime:
 def format_time(moment: datetime) -> str:
     """`moment` in UTC as ISO 8601 with ``Z``, to the second (``2026-01-01T00:00:00Z``)."""
     return to_utc(moment).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds in a duration written as a number of seconds or a number with s, m, h or d
+    (`90`, `30s`, `15m`, `1h`, `365d`); ValueError naming the forms otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value.strip()) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a duration: write seconds or a number with s, m, h or d (1h, 365d)"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{value!r} is not a duration: it must be longer than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest spelling of `seconds` that `parse_duration` reads back (`1h`, `365d`, `90s`)."""
+    for unit in ("d", "h", "m"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:g}s"

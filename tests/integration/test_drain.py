@@ -340,6 +340,30 @@ async def test_idle_keepalive_connections_close_right_after_drain_delay_and_the_
         assert not messages(process, "shutdown timeout reached")
 
 
+async def test_a_connection_accepted_before_the_listener_closed_gets_its_first_request_answered(
+    tmp_path: Path, upstream: TestServer
+) -> None:
+    # A proxy in front opens a connection, then sends its request: if the drain closed it as
+    # "idle" in between, the request would be reset after it was sent (nginx retries no POST).
+    drain_delay, timeout = 0.5, 5.0
+    config = drain_config(tmp_path, upstream, drain_delay=drain_delay, timeout=timeout)
+    async with serving(config) as (process, token):
+        reader, writer = await asyncio.open_connection("127.0.0.1", process.proxy_port)
+        try:
+            process.signal(signal.SIGTERM)
+            await asyncio.sleep(drain_delay + 0.5)  # the listener is closed, idle connections too
+            request = f"POST /strip/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            status, headers, _ = await exchange(
+                reader, writer, request.encode() + b"Content-Length: 2\r\n\r\nok"
+            )
+            assert status == 200
+            assert headers.get("connection", "").lower() == "close"
+        finally:
+            writer.close()
+        code, _ = await exit_of(process, time.monotonic(), within=timeout + 3)
+        assert code == 0
+
+
 @pytest.mark.parametrize(
     "workers",
     [

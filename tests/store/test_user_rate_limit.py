@@ -21,7 +21,7 @@ from gateway.errors import Invalid
 from gateway.models import ApiKey, RoleAssignment, ServiceUser, Token
 from gateway.ratelimit import Limit, make_limit, parse_spec
 from gateway.services import UNSET, Directory
-from gateway.store import Store, _alembic_config, create_engine, head_revision, migrate, open_store
+from gateway.store import Store, _alembic_config, create_engine, migrate, open_store
 from tests.store.conftest import ACTOR, role_table
 
 LIMIT = Limit(rate=100.0, per=1.0, burst=200)
@@ -97,7 +97,6 @@ async def test_upgrade_from_0002_keeps_users_on_the_default(store_url: str) -> N
         assert "rate_limit" not in await _columns(engine, "service_users")
         token, key = await _seed_at_0002(engine)
         await migrate(engine)
-        assert head_revision() == "0003"
         assert "rate_limit" in await _columns(engine, "service_users")
         store = Store(engine)
         principal = await store.lookup_token(tokens.digest(token))
