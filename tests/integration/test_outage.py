@@ -99,7 +99,10 @@ async def test_outage_grace_then_503_then_recovery(
         _, known = await gateway.directory.create_token("svc", "known", actor="test")
         _, unknown = await gateway.directory.create_token("svc", "never-used", actor="test")
         headers = {"Authorization": f"Bearer {known}"}
+        # The feed has read the creations: a lookup racing their eviction would not be cached.
+        await gateway.catch_up()
         assert (await proxy.get("/echo/a", headers=headers)).status == 200  # now cached
+        assert len(gateway.cache) == 1
         assert (await admin.get("/readyz")).status == 200
 
         with caplog.at_level(logging.WARNING, logger="gateway.changefeed"):
