@@ -22,6 +22,9 @@
 #               WebSocket round trips (bench/ws_load.py, bench/ws_upstream.py) direct and
 #               through the gateway on a `websocket: true` route.
 #
+# Separately: `python -m bench.revocation [--rounds N]` measures how fast a revocation reaches
+# three instances on one PostgreSQL database, push (LISTEN/NOTIFY) against the poll alone.
+#
 # It installs Debian's nginx-light and wrk when missing, starts and stops every process by
 # PID, sends traffic only to 127.0.0.1, and leaves nothing running.
 set -euo pipefail
