@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from aiohttp import web
 
 from gateway.config import CorsConfig, RouteConfig, normalize_origin
 from gateway.errors import BadRequest, Invalid, NotFound
 from gateway.explain import explain_request, parse_target
+from gateway.paging import BAD_CURSOR, Key, decode_cursor, encode_cursor, parse_limit
 from gateway.policy import Role
 from gateway.ratelimit import Limit, limit_problems, make_limit
-from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN, UNSET, TokenView, Unset, validate_name
+from gateway.services import NAME_PATTERN, UNSET, TokenView, Unset, validate_name
 from gateway.store import Principal
 from gateway.timeparse import parse_time
 
@@ -40,8 +41,6 @@ MAX_BODY_BYTES: Final = 64 * 1024
 MAX_DESCRIPTION: Final = 1024
 MAX_ORIGIN: Final = 255  # the store's column width
 MAX_LIST: Final = 100
-DEFAULT_AUDIT_LIMIT: Final = 100
-_LIMIT_RE: Final = re.compile(r"[0-9]{1,7}")
 RATE_LIMIT_KEYS: Final = ("rate", "per", "burst")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -276,9 +275,38 @@ def route_json(route: RouteConfig) -> dict[str, object]:
     }
 
 
-def items(values: list[dict[str, object]]) -> web.Response:
-    """A list answer: `{"items": [...]}`."""
-    return web.json_response({"items": values})
+T = TypeVar("T")
+
+
+def page_of(request: web.Request, shape: tuple[type, ...]) -> tuple[int, Key | None]:
+    """The page a list request asks for: its size and the sort key it continues after."""
+    limit = parse_limit(request.query.getall("limit", []))
+    text = query(request, "after")
+    return limit, None if text is None else decode_cursor(text, shape)
+
+
+def page_answer(
+    found: Sequence[T], limit: int, key: Callable[[T], Key], to_json: Callable[[T], dict[str, object]]
+) -> web.Response:
+    """`{"items": [...], "next": cursor | null}` from up to `limit + 1` rows found."""
+    shown = found[:limit]
+    after = encode_cursor(key(shown[-1])) if len(found) > limit else None
+    return web.json_response({"items": [to_json(item) for item in shown], "next": after})
+
+
+def only_params(known: tuple[str, ...], handler: Handler) -> Handler:
+    """`handler`, refusing a request with a query parameter not in `known` (422 `invalid`)."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        unknown = sorted(set(request.query) - set(known))
+        if unknown:
+            allowed = ", ".join(known) if known else "none"
+            raise Invalid(
+                unknown[0], f"unknown query parameter {unknown[0]!r} (this endpoint takes: {allowed})"
+            )
+        return await handler(request)
+
+    return checked
 
 
 class AdminApi:
@@ -289,29 +317,32 @@ class AdminApi:
         self._directory = context.directory
 
     def routes(self) -> list[tuple[str, str, Handler]]:
-        """Every /v1 endpoint (README "Admin listener and REST API")."""
+        """Every /v1 endpoint (README "Admin listener and REST API"), each refusing query
+        parameters it does not know (422 `invalid`: a misspelt filter must not list everything)."""
         user, token = "/v1/service-users/{name}", "/v1/service-users/{name}/tokens/{token}"
         key = "/v1/service-users/{name}/keys/{key}"
-        return [
-            ("GET", "/v1/service-users", self.list_users),
-            ("POST", "/v1/service-users", self.create_user),
-            ("GET", user, self.get_user),
-            ("PATCH", user, self.update_user),
-            ("DELETE", user, self.delete_user),
-            ("GET", user + "/tokens", self.list_tokens),
-            ("POST", user + "/tokens", self.create_token),
-            ("POST", token + "/reset", self.reset_token),
-            ("POST", token + "/expire", self.expire_token),
-            ("DELETE", token, self.delete_token),
-            ("GET", user + "/keys", self.list_keys),
-            ("POST", user + "/keys", self.create_key),
-            ("POST", key + "/expire", self.expire_key),
-            ("DELETE", key, self.delete_key),
-            ("GET", "/v1/roles", self.list_roles),
-            ("GET", "/v1/routes", self.list_routes),
-            ("GET", "/v1/audit-events", self.list_audit),
-            ("POST", "/v1/authz/explain", self.explain),
+        paged = ("limit", "after")
+        endpoints: list[tuple[str, str, Handler, tuple[str, ...]]] = [
+            ("GET", "/v1/service-users", self.list_users, ("prefix", "role", *paged)),
+            ("POST", "/v1/service-users", self.create_user, ()),
+            ("GET", user, self.get_user, ()),
+            ("PATCH", user, self.update_user, ()),
+            ("DELETE", user, self.delete_user, ()),
+            ("GET", user + "/tokens", self.list_tokens, paged),
+            ("POST", user + "/tokens", self.create_token, ()),
+            ("POST", token + "/reset", self.reset_token, ()),
+            ("POST", token + "/expire", self.expire_token, ()),
+            ("DELETE", token, self.delete_token, ()),
+            ("GET", user + "/keys", self.list_keys, paged),
+            ("POST", user + "/keys", self.create_key, ()),
+            ("POST", key + "/expire", self.expire_key, ()),
+            ("DELETE", key, self.delete_key, ()),
+            ("GET", "/v1/roles", self.list_roles, paged),
+            ("GET", "/v1/routes", self.list_routes, paged),
+            ("GET", "/v1/audit-events", self.list_audit, ("actor", "since", *paged)),
+            ("POST", "/v1/authz/explain", self.explain, ()),
         ]
+        return [(method, path, only_params(known, handler)) for method, path, handler, known in endpoints]
 
     async def _changed(self, user: str, *, origins: bool = True) -> None:
         # Awaited before answering, so the change applies on this instance (cached identities,
@@ -319,10 +350,13 @@ class AdminApi:
         await self._context.changed(user, origins=origins)
 
     async def list_users(self, request: web.Request) -> web.Response:
-        """GET /v1/service-users?prefix=&role="""
+        """GET /v1/service-users?prefix=&role=&limit=&after= (by name)."""
         prefix, role = query(request, "prefix"), query(request, "role")
-        users = await self._directory.list_users(prefix=prefix, role=role)
-        return items([user.to_json() for user in users])
+        limit, after = page_of(request, (str,))
+        users = await self._directory.list_users(
+            prefix=prefix, role=role, after=None if after is None else str(after[0]), limit=limit + 1
+        )
+        return page_answer(users, limit, lambda view: (view.name,), lambda view: view.to_json())
 
     async def create_user(self, request: web.Request) -> web.Response:
         """POST /v1/service-users"""
@@ -378,9 +412,14 @@ class AdminApi:
         return web.Response(status=204)
 
     async def list_tokens(self, request: web.Request) -> web.Response:
-        """GET /v1/service-users/{name}/tokens"""
-        views = await self._directory.list_tokens(path_name(request, "name", "user"))
-        return items([view.to_json() for view in views])
+        """GET /v1/service-users/{name}/tokens?limit=&after= (by name)."""
+        limit, after = page_of(request, (str,))
+        views = await self._directory.list_tokens(
+            path_name(request, "name", "user"),
+            after=None if after is None else str(after[0]),
+            limit=limit + 1,
+        )
+        return page_answer(views, limit, lambda view: (view.name,), lambda view: view.to_json())
 
     async def create_token(self, request: web.Request) -> web.Response:
         """POST /v1/service-users/{name}/tokens: 201 with the secret, shown this once."""
@@ -423,9 +462,20 @@ class AdminApi:
         return web.Response(status=204)
 
     async def list_keys(self, request: web.Request) -> web.Response:
-        """GET /v1/service-users/{name}/keys"""
-        views = await self._directory.list_keys(path_name(request, "name", "user"))
-        return items([view.to_json() for view in views])
+        """GET /v1/service-users/{name}/keys?limit=&after= (oldest first)."""
+        limit, after = page_of(request, (str, str))
+        since: tuple[datetime, str] | None = None
+        if after is not None:
+            try:
+                since = (datetime.fromisoformat(str(after[0])), str(after[1]))
+            except ValueError:
+                raise Invalid("after", BAD_CURSOR) from None
+        views = await self._directory.list_keys(
+            path_name(request, "name", "user"), after=since, limit=limit + 1
+        )
+        return page_answer(
+            views, limit, lambda view: (view.created_at.isoformat(), view.id), lambda view: view.to_json()
+        )
 
     async def create_key(self, request: web.Request) -> web.Response:
         """POST /v1/service-users/{name}/keys: 201 with the secret, shown this once."""
@@ -458,29 +508,34 @@ class AdminApi:
         return web.Response(status=204)
 
     async def list_roles(self, request: web.Request) -> web.Response:
-        """GET /v1/roles: the roles policies/ defines now, by name."""
+        """GET /v1/roles?limit=&after=: the roles policies/ defines now, by name."""
+        limit, after = page_of(request, (str,))
         roles = self._context.settings().table.roles
-        return items([role_json(roles[name]) for name in sorted(roles)])
+        names = [name for name in sorted(roles) if after is None or name > str(after[0])]
+        return page_answer(
+            names[: limit + 1], limit, lambda name: (name,), lambda name: role_json(roles[name])
+        )
 
     async def list_routes(self, request: web.Request) -> web.Response:
-        """GET /v1/routes: the routes of the live configuration, in config order."""
-        return items([route_json(route) for route in self._context.settings().config.routes])
+        """GET /v1/routes?limit=&after=: the routes of the live configuration, in config order."""
+        limit, after = page_of(request, (str,))
+        routes = list(self._context.settings().config.routes)
+        if after is not None:
+            names = [route.name for route in routes]
+            if after[0] not in names:  # a reload removed it: the order it continued is gone
+                raise Invalid("after", "after names a route the configuration no longer has; start again")
+            routes = routes[names.index(str(after[0])) + 1 :]
+        return page_answer(routes[: limit + 1], limit, lambda route: (route.name,), route_json)
 
     async def list_audit(self, request: web.Request) -> web.Response:
-        """GET /v1/audit-events?actor=&since=&limit= (newest first)."""
+        """GET /v1/audit-events?actor=&since=&limit=&after= (newest first)."""
         actor = query(request, "actor")
         since_text = query(request, "since")
         since = None if since_text is None else parse_time_field(since_text, "since")
-        limit = DEFAULT_AUDIT_LIMIT
-        limit_values = request.query.getall("limit", [])
-        if len(limit_values) > 1:
-            raise Invalid("limit", "limit may be given only once")
-        if limit_values:
-            if _LIMIT_RE.fullmatch(limit_values[0]) is None:
-                raise Invalid("limit", f"limit must be an integer between 1 and {MAX_AUDIT_LIMIT}")
-            limit = int(limit_values[0])
-        events = await self._directory.list_audit(actor=actor, since=since, limit=limit)
-        return items([event.to_json() for event in events])
+        limit, after = page_of(request, (int,))
+        before = None if after is None else int(after[0])
+        events = await self._directory.list_audit(actor=actor, since=since, limit=limit + 1, before=before)
+        return page_answer(events, limit, lambda event: (event.id,), lambda event: event.to_json())
 
     async def explain(self, request: web.Request) -> web.Response:
         """POST /v1/authz/explain {method, url, user | token, origin}: the trace (README "Explain")."""

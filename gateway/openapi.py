@@ -14,9 +14,10 @@ from typing import Final
 
 from gateway.admin_api import MAX_BODY_BYTES, MAX_DESCRIPTION, MAX_LIST, MAX_ORIGIN
 from gateway.errors import Refusal
+from gateway.paging import DEFAULT_PAGE, MAX_CURSOR, MAX_PAGE
 from gateway.ratelimit import MAX_COUNT as MAX_RATE_COUNT
 from gateway.ratelimit import PERIOD_PATTERN
-from gateway.services import MAX_AUDIT_LIMIT, NAME_PATTERN
+from gateway.services import NAME_PATTERN
 
 JSONObject = dict[str, object]
 
@@ -230,7 +231,13 @@ SCHEMAS["Trace"] = {
     },
 }
 for _item in ("User", "Token", "ApiKey", "AuditEvent", "Role", "Route"):
-    SCHEMAS[_item + "List"] = _object({"items": {"type": "array", "items": _ref(_item)}})
+    SCHEMAS[_item + "List"] = _object(
+        {
+            "items": {"type": "array", "items": _ref(_item), "maxItems": MAX_PAGE},
+            "next": _nullable({"type": "string", "maxLength": MAX_CURSOR}),
+        },
+        ["items", "next"],
+    )
 
 
 def _bodies(role: JSONObject) -> dict[str, JSONObject]:
@@ -343,7 +350,8 @@ def _operation(
     body: str | None = None,
 ) -> JSONObject:
     responses: dict[str, JSONObject] = {ok[0]: ok[1]}
-    for status in ["400", "401", "403", *errors.split(), "503"]:
+    # 422 everywhere: an unknown query parameter is refused on every endpoint.
+    for status in ["400", "401", "403", *errors.split(), "422", "503"]:
         responses[status] = _ERRORS[status]
     if body is not None:
         for status in ("413", "422"):
@@ -382,6 +390,21 @@ _USER: Final = _parameter("name", "path", _NAME, "the service user's name")
 _TOKEN: Final = _parameter("token", "path", _NAME, "the token's name")
 _NO_CONTENT: Final[JSONObject] = {"description": "done", "headers": _REQUEST_ID}
 _TEXT_QUERY: Final[JSONObject] = {"type": "string"}
+# Every list pages: `next` of one answer is `after` of the next request, null on the last page.
+_PAGE: Final[list[JSONObject]] = [
+    _parameter(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+        "items per page",
+    ),
+    _parameter(
+        "after",
+        "query",
+        {"type": "string", "maxLength": MAX_CURSOR},
+        "the `next` value of the page before (a cursor on the sort key, not an offset)",
+    ),
+]
 
 
 def _user_paths() -> dict[str, JSONObject]:
@@ -400,6 +423,7 @@ def _user_paths() -> dict[str, JSONObject]:
                 parameters=[
                     _parameter("prefix", "query", _TEXT_QUERY, "only names starting with this"),
                     _parameter("role", "query", _TEXT_QUERY, "only users holding this role"),
+                    *_PAGE,
                 ],
             ),
             "post": _operation(
@@ -450,7 +474,7 @@ def _token_paths() -> dict[str, JSONObject]:
                 "List a user's tokens (sorted by name; never a secret)",
                 ("200", _json(_ref("TokenList"), "the tokens")),
                 "404",
-                parameters=[_USER],
+                parameters=[_USER, *_PAGE],
             ),
             "post": _operation(
                 "createToken",
@@ -504,7 +528,7 @@ def _key_paths() -> dict[str, JSONObject]:
                 "List a user's API keys (oldest first; never a secret)",
                 ("200", _json(_ref("ApiKeyList"), "the keys")),
                 "404",
-                parameters=[_USER],
+                parameters=[_USER, *_PAGE],
             ),
             "post": _operation(
                 "createKey",
@@ -534,11 +558,14 @@ def _key_paths() -> dict[str, JSONObject]:
 
 def _other_paths() -> dict[str, JSONObject]:
     text = _TEXT_QUERY
-    limit: JSONObject = {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_LIMIT, "default": 100}
     return {
         "/v1/roles": {
             "get": _operation(
-                "listRoles", "Roles defined in policies/", ("200", _json(_ref("RoleList"), "the roles")), ""
+                "listRoles",
+                "Roles defined in policies/ (by name)",
+                ("200", _json(_ref("RoleList"), "the roles")),
+                "",
+                parameters=_PAGE,
             ),
         },
         "/v1/routes": {
@@ -547,6 +574,7 @@ def _other_paths() -> dict[str, JSONObject]:
                 "Routes of the live configuration",
                 ("200", _json(_ref("RouteList"), "routes")),
                 "",
+                parameters=_PAGE,
             ),
         },
         "/v1/audit-events": {
@@ -558,7 +586,7 @@ def _other_paths() -> dict[str, JSONObject]:
                 parameters=[
                     _parameter("actor", "query", text, "only changes by this actor"),
                     _parameter("since", "query", text, "ISO 8601 date or date-time; events at or after it"),
-                    _parameter("limit", "query", limit, "at most this many events"),
+                    *_PAGE,
                 ],
             ),
         },

@@ -61,12 +61,20 @@ class Directory(UserOperations, TokenOperations, KeyOperations):
     """
 
     async def list_audit(
-        self, *, actor: str | None = None, since: datetime | None = None, limit: int = 100
+        self,
+        *,
+        actor: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        before: int | None = None,
     ) -> list[AuditView]:
-        """Audit events, newest first, optionally by `actor` and at or after `since`."""
-        if not 1 <= limit <= MAX_AUDIT_LIMIT:
+        """Audit events, newest first, optionally by `actor`, at or after `since`, and older
+        than event `before` (the cursor of the page before)."""
+        if not 1 <= limit <= MAX_AUDIT_LIMIT + 1:  # one more: whether another page follows
             raise Invalid("limit", f"limit must be between 1 and {MAX_AUDIT_LIMIT}")
         query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        if before is not None:
+            query = query.where(AuditEvent.id < before)
         if actor is not None:
             query = query.where(AuditEvent.actor == actor)
         if since is not None:

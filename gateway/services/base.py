@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -156,6 +156,11 @@ class DirectoryBase:
     async def _read(self) -> AsyncIterator[AsyncSession]:
         async with translate_errors(), self._store.sessions() as session:
             yield session
+
+    def _bytewise(self, column: Any) -> Any:
+        """`column` compared and sorted byte by byte, on both databases: a page's `after` must
+        mean the same as its order (PostgreSQL's default collation would not; SQLite's does)."""
+        return column.collate("C") if self._store.dialect == "postgresql" else column
 
     def _check_defined(self, roles: Iterable[str], graph: RoleGraph | None = None) -> list[str]:
         """`roles` sorted and distinct, if policies/ defines each; else Invalid naming the first."""

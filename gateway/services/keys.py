@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import tokens
@@ -95,13 +95,21 @@ class KeyOperations(DirectoryBase):
             )
             return key_view(key, user), secret
 
-    async def list_keys(self, user: str) -> list[KeyView]:
-        """The user's keys, oldest first (never a secret)."""
+    async def list_keys(
+        self, user: str, *, after: tuple[datetime, str] | None = None, limit: int | None = None
+    ) -> list[KeyView]:
+        """The user's keys, oldest first (never a secret); only those after `after` (a key's
+        creation time and id), at most `limit` (None: all)."""
+        key_id = self._bytewise(ApiKey.id)
+        query = select(ApiKey).order_by(ApiKey.created_at, key_id).limit(limit)
+        if after is not None:
+            created, last = after
+            query = query.where(
+                or_(ApiKey.created_at > created, and_(ApiKey.created_at == created, key_id > last))
+            )
         async with self._read() as session:
             owner = await self._user(session, user)
-            rows = await session.scalars(
-                select(ApiKey).where(ApiKey.user_id == owner.id).order_by(ApiKey.created_at, ApiKey.id)
-            )
+            rows = await session.scalars(query.where(ApiKey.user_id == owner.id))
             return [key_view(key, user) for key in rows]
 
     async def key_owner(self, key_id: str) -> str:

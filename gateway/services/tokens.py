@@ -89,11 +89,18 @@ class TokenOperations(DirectoryBase):
             )
             return token_view(token, user), secret
 
-    async def list_tokens(self, user: str) -> list[TokenView]:
-        """The user's tokens sorted by name (never a secret)."""
+    async def list_tokens(
+        self, user: str, *, after: str | None = None, limit: int | None = None
+    ) -> list[TokenView]:
+        """The user's tokens sorted by name (never a secret); only names after `after`, at most
+        `limit` (None: all)."""
+        name = self._bytewise(Token.name)
+        query = select(Token).order_by(name).limit(limit)
+        if after is not None:
+            query = query.where(name > after)
         async with self._read() as session:
             owner = await self._user(session, user)
-            rows = await session.scalars(select(Token).where(Token.user_id == owner.id).order_by(Token.name))
+            rows = await session.scalars(query.where(Token.user_id == owner.id))
             return [token_view(token, user) for token in rows]
 
     async def reset_token(self, user: str, name: str, *, actor: str) -> tuple[TokenView, str]:

@@ -6,6 +6,7 @@ Imports: services.base, services.views, models, errors, ratelimit, timeparse.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import delete, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -90,17 +91,35 @@ class UserOperations(DirectoryBase):
             )
             return user_view(user, assignments, origin_values)
 
-    async def list_users(self, *, prefix: str | None = None, role: str | None = None) -> list[UserView]:
-        """Users sorted by name, optionally those whose name starts with `prefix` / holding `role`."""
-        ids = select(ServiceUser.id)
+    async def list_users(
+        self,
+        *,
+        prefix: str | None = None,
+        role: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[UserView]:
+        """Users sorted by name (bytewise), optionally those whose name starts with `prefix` /
+        holding `role`; only names after `after`, at most `limit` of them (None: all)."""
+        name = self._bytewise(ServiceUser.name)
+        chosen = select(ServiceUser.id)
         if prefix:
-            ids = ids.where(ServiceUser.name.startswith(prefix, autoescape=True))
+            chosen = chosen.where(ServiceUser.name.startswith(prefix, autoescape=True))
         if role:
-            ids = ids.where(
+            chosen = chosen.where(
                 exists().where(RoleAssignment.user_id == ServiceUser.id, RoleAssignment.role == role)
             )
+        if after is not None:
+            chosen = chosen.where(name > after)
         async with self._read() as session:
-            users = list(await session.scalars(select(ServiceUser).where(ServiceUser.id.in_(ids))))
+            if limit is None:
+                users = list(await session.scalars(select(ServiceUser).where(ServiceUser.id.in_(chosen))))
+                ids: Any = chosen
+            else:
+                # One read fixes the page; the roles and origins are read for exactly its users.
+                page = select(ServiceUser).where(ServiceUser.id.in_(chosen)).order_by(name).limit(limit)
+                users = list(await session.scalars(page))
+                ids = [user.id for user in users]
             roles: dict[int, list[RoleAssignment]] = {}
             for row in await session.scalars(select(RoleAssignment).where(RoleAssignment.user_id.in_(ids))):
                 roles.setdefault(row.user_id, []).append(row)
@@ -110,6 +129,7 @@ class UserOperations(DirectoryBase):
             ):
                 origins.setdefault(user_id, []).append(origin)
         views = [user_view(u, roles.get(u.id, ()), origins.get(u.id, ())) for u in users]
+        # Python's order is bytewise for these ASCII names, as the database's is here.
         return sorted(views, key=lambda view: view.name)
 
     async def get_user(self, name: str) -> UserView:
