@@ -71,7 +71,9 @@ async def test_the_image_healthcheck_asks_readyz_on_the_admin_address(tmp_path: 
     from tests.conftest import write_config
     from tests.process import free_port, serving
 
-    config = write_config(tmp_path, store_url="sqlite+aiosqlite:///gateway.db", upstream_url="http://127.0.0.1:9")
+    config = write_config(
+        tmp_path, store_url="sqlite+aiosqlite:///gateway.db", upstream_url="http://127.0.0.1:9"
+    )
 
     async def check(admin: str) -> int:
         env = {**os.environ, "GATEWAY_ADMIN_LISTEN": admin}

@@ -25,7 +25,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually, write_config
-from tests.process import REPO, GatewayProcess, serving, writer_token
+from tests.process import REPO, GatewayProcess, children_of, serving, writer_token
 from tests.upstream import SEEN
 
 STALLED = b"first chunk;"  # what the upstream's `?stall=S` sends at once; b"too late" follows after S s
@@ -456,16 +456,6 @@ async def test_a_second_signal_during_drain_exits_at_once_with_1(
         # No worker outlives its parent.
         await asyncio.sleep(0.3)
         assert [pid for pid in worker_pids if alive(pid)] == []
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 def alive(pid: int) -> bool:

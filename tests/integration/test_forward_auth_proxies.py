@@ -12,13 +12,10 @@ fails the test (a skipped real-part test hides a broken feature); elsewhere it s
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +28,7 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from tests.conftest import IN_CI, Harness
-from tests.process import free_port
+from tests.process import free_port, until_listening
 from tests.upstream import SEEN, header_values
 
 # Decisions do not depend on the store: one store keeps the file well under its time budget.
@@ -153,22 +150,7 @@ class ProxyProcess:
 
     async def wait_ready(self) -> None:
         """Poll the port until it accepts a connection (bounded; fails on an early exit)."""
-        deadline = time.monotonic() + READY_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"{self.process.args!r} exited early ({self.process.returncode}):\n{self.logs()}")
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 1.0)
-            except (OSError, TimeoutError):
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
-        pytest.fail(
-            f"{self.process.args!r} not listening on {self.port} within {READY_SECONDS:g}s:\n{self.logs()}"
-        )
+        await until_listening(self.port, self.process, self.logs, READY_SECONDS)
 
     def stop(self) -> None:
         if self.process.poll() is None:

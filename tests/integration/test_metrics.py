@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -16,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import IN_CI, write_config
-from tests.process import serving
+from tests.process import children_of, serving
 
 
 def sample(text: str, name: str) -> float:
@@ -53,16 +52,6 @@ async def test_a_scrape_has_durations_in_flight_build_and_process_and_passes_pro
     assert token not in text and "svc" not in text  # no user or credential in any label
 
     await _promtool(text)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 async def _scrape(session: aiohttp.ClientSession, admin: str) -> str:
@@ -107,7 +96,7 @@ async def test_workers_share_one_scrape_that_keeps_a_dead_workers_counts(
             await _promtool(text)
 
             # A worker that dies takes its gauges with it but not what it counted.
-            workers = _children(process.process.pid)
+            workers = children_of(process.process.pid)
             assert len(workers) == 2
             memory = sample(text, "process_resident_memory_bytes")
             os.kill(max(workers), signal.SIGKILL)

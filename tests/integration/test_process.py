@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import DEFAULT_POLICIES, write_config
-from tests.process import REPO, GatewayProcess
+from tests.process import REPO, GatewayProcess, children_of
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -133,19 +133,6 @@ async def test_sighup_reloads_and_keeps_the_old_version_when_bad(
     refused = [line for line in log_lines(process) if "reload refused" in str(line.get("message"))]
     assert refused and "policy.yaml" in json.dumps(refused[0])
     assert process.process.poll() is None
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 async def test_workers_share_the_listener_and_all_see_revocation_and_reload(

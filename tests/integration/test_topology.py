@@ -43,7 +43,7 @@ from gateway.policy import load_route_table
 from gateway.services import Directory
 from gateway.store import open_store
 from tests.conftest import IN_CI, fresh_pg_database, write_config
-from tests.process import GatewayProcess, free_port
+from tests.process import GatewayProcess, free_port, until_listening
 
 NGINX = "/usr/sbin/nginx"
 READY_SECONDS = 10.0
@@ -169,20 +169,7 @@ class Nginx:
 
     async def wait_ready(self) -> None:
         """Poll the port until it accepts a connection (bounded; fails on an early exit)."""
-        deadline = time.monotonic() + READY_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"nginx exited early ({self.process.returncode}):\n{self.logs()}")
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 1.0)
-            except (OSError, TimeoutError):
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
-        pytest.fail(f"nginx not listening on {self.port} within {READY_SECONDS:g}s:\n{self.logs()}")
+        await until_listening(self.port, self.process, self.logs, READY_SECONDS)
 
     def stop(self) -> None:
         if self.process.poll() is None:

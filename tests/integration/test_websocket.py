@@ -558,7 +558,8 @@ async def test_the_authorization_header_works_too(env: Env) -> None:
 async def test_the_101_carries_the_rate_limit_headers(env: Env) -> None:
     async with websocket(
         # deep requires other:read: the outsider's
-        env.url(f"/echo/deep/ws?id={rid('rate')}"), headers={"Authorization": f"Bearer {env.outsider}"}
+        env.url(f"/echo/deep/ws?id={rid('rate')}"),
+        headers={"Authorization": f"Bearer {env.outsider}"},
     ) as connected:
         answer = connected.seen.response
         assert answer is not None

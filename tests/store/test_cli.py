@@ -124,8 +124,17 @@ def test_user_and_token_lifecycle(store_url: str, tmp_path: Path) -> None:
     assert "User created: backend-operator" in created.stdout
     assert "Roles assigned: reader, writer" in created.stdout
     token = run(
-        "token", "set", "backend-token", "--user", "backend-operator", "--expires-at", "2099-01-01",
-        "--description", "Backend Operator Token", "--roles", "reader",
+        "token",
+        "set",
+        "backend-token",
+        "--user",
+        "backend-operator",
+        "--expires-at",
+        "2099-01-01",
+        "--description",
+        "Backend Operator Token",
+        "--roles",
+        "reader",
     )
     lines = token.stdout.splitlines()
     assert lines[0] == "Note: Save the token in a secure location as it will not be shown again"
@@ -151,8 +160,13 @@ def test_user_and_token_lifecycle(store_url: str, tmp_path: Path) -> None:
     assert gone.stderr.strip() == "error: user 'backend-operator' not found"
     events = json.loads(run("audit", "list", "--format", "json").stdout)["items"]
     assert [e["action"] for e in events] == [
-        "user.deleted", "token.deleted", "token.expired", "token.reset", "user.updated",
-        "token.created", "user.created",
+        "user.deleted",
+        "token.deleted",
+        "token.expired",
+        "token.reset",
+        "user.updated",
+        "token.created",
+        "user.created",
     ]
     assert all(e["actor"].startswith("cli:") for e in events)
     everything = json.dumps(events) + run("audit", "list").stdout
@@ -161,8 +175,13 @@ def test_user_and_token_lifecycle(store_url: str, tmp_path: Path) -> None:
 
 def test_user_commands_tables_and_json(gw: Run) -> None:
     gw(
-        "user", "create", "backend-b", "--roles", "reader",
-        "--origins", "https://App.example.com,http://localhost:3000",
+        "user",
+        "create",
+        "backend-b",
+        "--roles",
+        "reader",
+        "--origins",
+        "https://App.example.com,http://localhost:3000",
     )
     gw("user", "create", "backend-a")
     gw("user", "create", "monitor", "--roles", "reader,writer")
@@ -177,8 +196,16 @@ def test_user_commands_tables_and_json(gw: Run) -> None:
     assert by_name["backend-b"]["allowed_origins"] == ["http://localhost:3000", "https://app.example.com"]
     assert by_name["root"]["kind"] == "admin" and by_name["root"]["roles"] == []
     assert set(by_name["monitor"]) == {
-        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled", "rate_limit",
-        "created_at", "created_by",
+        "name",
+        "kind",
+        "href",
+        "description",
+        "roles",
+        "allowed_origins",
+        "disabled",
+        "rate_limit",
+        "created_at",
+        "created_by",
     }
     prefixed = json.loads(gw("user", "list", "--id-prefix", "backend-", "--format", "json").stdout)
     assert [u["name"] for u in prefixed["items"]] == ["backend-a", "backend-b"]
@@ -187,8 +214,15 @@ def test_user_commands_tables_and_json(gw: Run) -> None:
     details = gw("user", "get", "monitor").stdout
     assert "Name:" in details and "- reader (assigned by cli:" in details
     updated = gw(
-        "user", "update", "backend-b", "--add-roles", "writer", "--remove-origins", "http://localhost:3000",
-        "--description", "new text",
+        "user",
+        "update",
+        "backend-b",
+        "--add-roles",
+        "writer",
+        "--remove-origins",
+        "http://localhost:3000",
+        "--description",
+        "new text",
     )
     assert "User updated: backend-b" in updated.stdout
     got = json.loads(gw("user", "get", "backend-b", "--format", "json").stdout)
@@ -215,7 +249,15 @@ def test_token_secret_is_shown_once_and_never_stored(cli: Run, config: Path) -> 
         assert secret not in output and secret[3:46] not in output
     [item] = json.loads(outputs[1])["items"]
     assert set(item) == {
-        "id", "name", "user", "description", "roles", "expires_at", "expired", "created_at", "created_by",
+        "id",
+        "name",
+        "user",
+        "description",
+        "roles",
+        "expires_at",
+        "expired",
+        "created_at",
+        "created_by",
         "last_used_at",
     }
     assert item["roles"] is None and item["last_used_at"] is None
@@ -234,10 +276,14 @@ def test_errors_exit_1_with_messages(gw: Run) -> None:
         (("user", "create", "adm", "--admin", "--roles", "reader"), "error: admin identities hold no roles"),
         (("user", "create", "y", "--origins", "ftp://x.example"), "error: "),
         (("token", "set", "t", "--user", "ghost"), "error: user 'ghost' not found"),
-        (("token", "set", "t", "--user", "svc", "--roles", "writer"),
-         "error: role 'writer' is not held by user 'svc'"),
-        (("token", "set", "t", "--user", "svc", "--roles", "reader,ghost"),
-         "error: role 'ghost' is not defined in policies/"),
+        (
+            ("token", "set", "t", "--user", "svc", "--roles", "writer"),
+            "error: role 'writer' is not held by user 'svc'",
+        ),
+        (
+            ("token", "set", "t", "--user", "svc", "--roles", "reader,ghost"),
+            "error: role 'ghost' is not defined in policies/",
+        ),
         (("token", "set", "t", "--user", "svc", "--expires-at", "2000-01-01"), "error: expires_at"),
         (("token", "reset", "nope", "--user", "svc"), "error: token 'nope' not found for user 'svc'"),
         (("token", "expire", "nope", "--user", "svc"), "error: token 'nope' not found for user 'svc'"),
@@ -320,7 +366,7 @@ def test_check(config: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok: 1 routes, 3 roles"
     (config.parent / "policies" / "roles.yaml").write_text(
-        "roles:\n  reader:\n    includes: [ghost]\n    permissions: [\"echo:read\"]\n"
+        'roles:\n  reader:\n    includes: [ghost]\n    permissions: ["echo:read"]\n'
     )
     broken = gateway("check", "--config", str(config), cwd=tmp_path)
     assert broken.returncode == 1 and broken.stdout == ""

@@ -17,17 +17,23 @@ async def test_create_user_defaults_and_json_shape(directory: Directory) -> None
     view = await directory.create_user("svc-a", actor=ACTOR, description="CI job")
     data = view.to_json()
     assert set(data) == {
-        "name", "kind", "href", "description", "roles", "allowed_origins", "disabled", "rate_limit",
-        "created_at", "created_by",
+        "name",
+        "kind",
+        "href",
+        "description",
+        "roles",
+        "allowed_origins",
+        "disabled",
+        "rate_limit",
+        "created_at",
+        "created_by",
     }
     assert data["name"] == "svc-a" and data["kind"] == "service"
     assert data["href"] == "/v1/service-users/svc-a"
     assert data["description"] == "CI job" and data["disabled"] is False
     assert data["created_by"] == ACTOR
     assert data["allowed_origins"] == []
-    assert data["roles"] == [
-        {"name": DEFAULT_ROLE, "assigned_by": ACTOR, "assigned_at": data["created_at"]}
-    ]
+    assert data["roles"] == [{"name": DEFAULT_ROLE, "assigned_by": ACTOR, "assigned_at": data["created_at"]}]
     assert isinstance(data["created_at"], str) and data["created_at"].endswith("Z")
     assert "." not in data["created_at"]
     assert await directory.get_user("svc-a") == view
@@ -35,7 +41,10 @@ async def test_create_user_defaults_and_json_shape(directory: Directory) -> None
 
 async def test_create_user_with_roles_and_origins(directory: Directory) -> None:
     view = await directory.create_user(
-        "web", actor=ACTOR, roles=["writer", "reader", "reader"], origins=["https://App.Example.com/", "http://localhost:3000"]
+        "web",
+        actor=ACTOR,
+        roles=["writer", "reader", "reader"],
+        origins=["https://App.Example.com/", "http://localhost:3000"],
     )
     assert view.role_names == ("reader", "writer")
     assert view.allowed_origins == ("http://localhost:3000", "https://app.example.com")
