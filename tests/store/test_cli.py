@@ -224,6 +224,45 @@ def test_token_secret_is_shown_once_and_never_stored(cli: Run, config: Path) -> 
     assert tokens.digest(secret).encode() in stored
 
 
+def test_expiry_is_always_printed_never_when_absent(gw: Run) -> None:
+    """`token set` and `key create` always print an "Expires at" line, `never` without --expires-at;
+    the tables say `never` too (issue 15: a missing line read as a dropped value)."""
+    gw("user", "create", "svc", "--roles", "reader")
+    lasting = gw("token", "set", "lasting", "--user", "svc").stdout.splitlines()
+    secret = access_token("\n".join(lasting))
+    assert lasting == [
+        "Note: Save the token in a secure location as it will not be shown again",
+        f"Access token: {secret}",
+        "Created for user: svc",
+        "Roles: reader (follows the user's roles)",
+        "Expires at: never",
+    ]
+    dated = gw("token", "set", "dated", "--user", "svc", "--expires-at", "2099-01-01").stdout.splitlines()
+    assert dated[2:] == [
+        "Created for user: svc",
+        "Roles: reader (follows the user's roles)",
+        "Expires at: 2099-01-01T00:00:00Z",
+    ]
+    assert expires_column(gw("token", "list", "--user", "svc").stdout) == {
+        "dated": "2099-01-01T00:00:00Z",
+        "lasting": "never",
+    }
+    # JSON keeps the admin API's null.
+    items = json.loads(gw("token", "list", "--user", "svc", "--format", "json").stdout)["items"]
+    assert {item["name"]: item["expires_at"] for item in items}["lasting"] is None
+
+    key = gw("key", "create", "--user", "svc").stdout.splitlines()
+    assert key[-2:] == ["Created for user: svc", "Expires at: never"]
+    assert list(expires_column(gw("key", "list", "--user", "svc").stdout).values()) == ["never"]
+
+
+def expires_column(table: str) -> dict[str, str]:
+    """First cell → EXPIRES AT cell of a CLI table (cells may hold spaces: "(user's roles)")."""
+    header, *rows = table.splitlines()
+    start = header.index("EXPIRES AT")
+    return {row.split()[0]: row[start:].split()[0] for row in rows}
+
+
 def test_errors_exit_1_with_messages(gw: Run) -> None:
     gw("user", "create", "svc", "--roles", "reader")
     cases = [
