@@ -177,10 +177,34 @@ class Config:
 
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class ListenSchemeError(ValueError):
+    """parse_listen was given a URL ("https://127.0.0.1:8443"): a listener is HOST:PORT, and HTTPS is
+    a `tls` block beside it, which only the caller (a gateway.yaml key, a variable) can point at."""
+
+    def __init__(self, text: str, scheme: str, address: str | None) -> None:
+        example = f' ("{address}")' if address else ""
+        super().__init__(f"{text!r}: write HOST:PORT without a scheme{example}")
+        self.scheme = scheme  # lower case: "https", "http", …
+        self.address = address or "HOST:PORT"  # the URL's HOST:PORT, if it has a valid one
 
 
 def parse_listen(text: str) -> Address:
-    """Parse "HOST:PORT" (IPv6 as "[::1]:8080") into (host, port); ValueError with a clear message."""
+    """Parse "HOST:PORT" (IPv6 as "[::1]:8080") into (host, port); ValueError with a clear message.
+
+    A URL raises ListenSchemeError: without that check "https://127.0.0.1:8443" splits into the
+    host "https://127.0.0.1" and is refused as an IPv6 address missing its brackets (issue 15).
+    """
+    scheme = _SCHEME_RE.match(text)
+    if scheme is not None:
+        address: str | None = text[scheme.end() :].split("/", 1)[0]
+        try:
+            parse_listen(address or "")
+        except ValueError:
+            address = None
+        raise ListenSchemeError(text, scheme.group(1).lower(), address)
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{text!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
@@ -362,6 +386,15 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         if env.get(variable):
             try:
                 listen[key] = parse_listen(env[variable])
+            except ListenSchemeError as exc:
+                # The variable sets only the address: the file's tls block (if any) still applies.
+                hint = (
+                    f"; HTTPS is the tls block of listeners.{key} in gateway.yaml {_TLS_README}, "
+                    f"and {variable} then sets only its HOST:PORT"
+                    if exc.scheme == "https" and found[key][1] is None
+                    else ""
+                )
+                f.problems.append(f"{variable}: {exc}{hint}")
             except ValueError as exc:
                 f.problems.append(f"{variable}: {exc}")
     if env.get("GATEWAY_STORE_URL"):
@@ -451,9 +484,25 @@ def _listen(
     if text is not None:
         try:
             return parse_listen(text), tls
+        except ListenSchemeError as exc:
+            hint = "" if tls is not None else _https_hint(exc, isinstance(item, LineDict))
+            f.add(line, where, f"{exc}{hint}")
         except ValueError as exc:
             f.add(line, where, str(exc))
     return _LISTEN_DEFAULTS[key], tls
+
+
+_TLS_README = '(README "TLS on the listeners")'
+_TLS_BLOCK = "tls: {cert_file: ..., key_file: ...}"
+
+
+def _https_hint(exc: ListenSchemeError, object_form: bool) -> str:
+    """Where HTTPS is configured, for a listener written as an https:// URL ("" for other schemes)."""
+    if exc.scheme != "https":
+        return ""
+    if object_form:
+        return f"; for HTTPS add {_TLS_BLOCK} beside listen {_TLS_README}"
+    return f'; for HTTPS use {{listen: "{exc.address}", {_TLS_BLOCK}}} {_TLS_README}'
 
 
 def _listener_tls(

@@ -289,6 +289,45 @@ def test_bad_env_override_names_variable(tmp_path: Path, variable: str, value: s
     assert fragment in problem
 
 
+TLS_HINT = "tls: {cert_file: ..., key_file: ...}"
+TLS_README = '(README "TLS on the listeners")'
+
+
+def test_listener_written_as_url_points_at_the_tls_block(tmp_path: Path) -> None:
+    """Issue 15: `proxy: "https://…"` was refused as an IPv6 address missing its brackets."""
+    path = write(
+        tmp_path,
+        """\
+        listeners:
+          proxy: "https://127.0.0.1:8443"
+          admin:
+            listen: "http://127.0.0.1:8081/"
+        """,
+    )
+    assert problems_of(path) == [
+        f"{path}:2: listeners.proxy: 'https://127.0.0.1:8443': write HOST:PORT without a scheme"
+        f' ("127.0.0.1:8443"); for HTTPS use {{listen: "127.0.0.1:8443", {TLS_HINT}}} {TLS_README}',
+        f"{path}:4: listeners.admin: 'http://127.0.0.1:8081/': write HOST:PORT without a scheme"
+        ' ("127.0.0.1:8081")',
+    ]
+    # The object form already has the place for tls: say so, not the whole form again.
+    path = write(tmp_path, 'listeners:\n  proxy: {listen: "HTTPS://[::1]:8443"}\n')
+    assert problems_of(path) == [
+        f"{path}:2: listeners.proxy: 'HTTPS://[::1]:8443': write HOST:PORT without a scheme"
+        f' ("[::1]:8443"); for HTTPS add {TLS_HINT} beside listen {TLS_README}'
+    ]
+
+
+def test_listen_variable_written_as_url_points_at_the_tls_block(tmp_path: Path) -> None:
+    env = {"GATEWAY_PROXY_LISTEN": "https://0.0.0.0:8443", "GATEWAY_ADMIN_LISTEN": "http://gw.example"}
+    assert problems_of(write(tmp_path, ""), env) == [
+        "GATEWAY_PROXY_LISTEN: 'https://0.0.0.0:8443': write HOST:PORT without a scheme"
+        f' ("0.0.0.0:8443"); HTTPS is the tls block of listeners.proxy in gateway.yaml {TLS_README},'
+        " and GATEWAY_PROXY_LISTEN then sets only its HOST:PORT",
+        "GATEWAY_ADMIN_LISTEN: 'http://gw.example': write HOST:PORT without a scheme",
+    ]
+
+
 def test_missing_unreadable_and_directory_config(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     assert problems_of(missing) == [f"{missing}: file not found"]
@@ -567,6 +606,8 @@ def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
         ("::1:8080", "in brackets"),
         ("[zz]:80", "is not an IPv6 address"),
         ("bad host:80", "is not a host name"),
+        ("https://127.0.0.1:8443", 'without a scheme ("127.0.0.1:8443")'),
+        ("tcp://[::1]:80/", 'without a scheme ("[::1]:80")'),
     ],
 )
 def test_parse_listen_errors(text: str, fragment: str) -> None:
