@@ -4,14 +4,16 @@ Imports: errors, yamlfile, sqlalchemy.engine.make_url (parsing only; no engine i
 
 Owns the schema of gateway.yaml (README "Configuration reference"), its defaults, the
 environment overrides (GATEWAY_STORE_URL, GATEWAY_PROXY_LISTEN,
-GATEWAY_ADMIN_LISTEN, GATEWAY_RATE_LIMIT_STORE_URL), and resolving relative paths against the directory of the
-config file, so the CLI and the server always open the same store. Validation
+GATEWAY_ADMIN_LISTEN, GATEWAY_RATE_LIMIT_STORE_URL), the list of every GATEWAY_* variable
+(others are warned about: README "Environment variables"), and resolving relative paths against
+the directory of the config file, so the CLI and the server always open the same store. Validation
 collects all problems before raising one ConfigError, so `gateway check` shows
 everything that is wrong at once. Field meanings are documented at the fields.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -155,7 +157,8 @@ class Config:
     admin_listen: Address = ("127.0.0.1", 8081)
     proxy_tls: ListenerTls | None = None  # the proxy listener serves HTTPS
     admin_tls: ListenerTls | None = None
-    warnings: tuple[str, ...] = ()  # "file:line: ..." worth logging at start, not fatal
+    # "file:line: ..." and "GATEWAY_X: ..." (unknown variables) worth logging at start, not fatal
+    warnings: tuple[str, ...] = ()
     # sqlite+aiosqlite:////abs/path.db or postgresql+asyncpg://...; may hold a password, so not in repr
     store_url: str = field(default="", repr=False)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -287,11 +290,101 @@ def _store_url(text: str, base: Path) -> str:
     return url.render_as_string(hide_password=False)
 
 
+# Every GATEWAY_* variable the gateway reads (README "Environment variables"). GATEWAY_CONFIG is
+# read by the CLI before any config exists and GATEWAY_SECRET_KEY by keyring, but they belong here
+# all the same: this list is what an unknown name is checked against.
+ENV_VARIABLES = (
+    "GATEWAY_CONFIG",
+    "GATEWAY_STORE_URL",
+    "GATEWAY_PROXY_LISTEN",
+    "GATEWAY_ADMIN_LISTEN",
+    "GATEWAY_RATE_LIMIT_STORE_URL",
+    "GATEWAY_SECRET_KEY",
+)
+# Not read yet, but taken by the coming remote CLI (commands against a running gateway's admin
+# API): a deployment that sets them early is not making a typo.
+RESERVED_VARIABLES = ("GATEWAY_ADMIN_URL", "GATEWAY_ADMIN_TOKEN")
+# Prefixes that belong to this repository's tooling, never to the gateway, whose processes inherit
+# them: GATEWAY_TEST_ is reserved for the test suite (GATEWAY_TEST_PG, GATEWAY_TEST_REDIS_DB, …) and
+# GATEWAY_BENCH_ for bench/run.py (GATEWAY_BENCH_PG). The gateway never reads a name under them.
+TOOLING_PREFIXES = ("GATEWAY_TEST_", "GATEWAY_BENCH_")
+# Kubernetes' service links (a pod's default, enableServiceLinks): a Service named `gateway`, or
+# `gateway-admin` and other `gateway-…`, in the pod's namespace injects GATEWAY_SERVICE_HOST,
+# GATEWAY_SERVICE_PORT[_<PORT NAME>], GATEWAY_PORT and GATEWAY_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]
+# (GATEWAY_ADMIN_SERVICE_HOST, … for gateway-admin). They are not typos; their values are checked
+# too, so that GATEWAY_PROXY_PORT=9090 (someone hoping to set the port) is still reported.
+_LINK_PORT = r"PORT_[0-9]+_(?:TCP|UDP|SCTP)"
+# (how the name ends after GATEWAY[_<rest of the Service's name>], the value's shape). A name may
+# fit several (GATEWAY_ADMIN_PORT_8081_TCP_PORT: gateway-admin's port 8081, or the PORT of a
+# Service gateway-admin-port-8081-tcp), so a variable passes when one fits name and value both.
+_SERVICE_LINKS = tuple(
+    (re.compile(rf"GATEWAY(?:_[A-Z0-9_]+)?_(?:{name})"), re.compile(value))
+    for name, value in (
+        ("SERVICE_HOST", r".+"),
+        (r"SERVICE_PORT(?:_[A-Z0-9_]+)?", r"[0-9]+"),
+        (rf"PORT|{_LINK_PORT}", r"(?:tcp|udp|sctp)://.+"),
+        (rf"{_LINK_PORT}_PROTO", r"tcp|udp|sctp"),
+        (rf"{_LINK_PORT}_PORT", r"[0-9]+"),
+        (rf"{_LINK_PORT}_ADDR", r".+"),
+    )
+)
+
+_ROOT_KEYS = (
+    "listeners",
+    "store",
+    "policies",
+    "trusted_proxies",
+    "forward_auth",
+    "identity",
+    "cache",
+    "routes",
+    "limits",
+    "admin",
+    "shutdown",
+    "signing",
+    "rate_limits",
+    "log_level",
+)
+
+
+def _is_service_link(name: str, value: str) -> bool:
+    """Whether `name`=`value` has the shape of a variable Kubernetes injects for a Service."""
+    return any(shape.fullmatch(name) and values.fullmatch(value) for shape, values in _SERVICE_LINKS)
+
+
+def environment_warnings(env: Mapping[str, str]) -> list[str]:
+    """One warning per GATEWAY_* variable the gateway does not read, sorted by name.
+
+    Such a variable is ignored, and silently ignoring it hid typos (GATEWAY_STORE_URI: the
+    gateway ran on the SQLite default) and settings that live in gateway.yaml only
+    (GATEWAY_LOG_LEVEL). Only names are quoted, never values (they may hold secrets).
+    """
+    known = (*ENV_VARIABLES, *RESERVED_VARIABLES)
+    suffixes = {name.removeprefix("GATEWAY_"): name for name in ENV_VARIABLES}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith("GATEWAY_") or name in known or name.startswith(TOOLING_PREFIXES):
+            continue
+        if _is_service_link(name, env[name]):
+            continue
+        suffix = name.removeprefix("GATEWAY_")
+        close = difflib.get_close_matches(suffix, suffixes, n=1, cutoff=0.7)
+        if suffix.lower() in _ROOT_KEYS:
+            hint = f"{suffix.lower()} is set in gateway.yaml"
+        elif close:
+            hint = f"did you mean {suffixes[close[0]]}?"
+        else:
+            hint = f"the gateway reads {', '.join(ENV_VARIABLES[:-1])} and {ENV_VARIABLES[-1]}"
+        warnings.append(f"{name}: unknown environment variable (ignored); {hint}")
+    return warnings
+
+
 def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate gateway.yaml; raise ConfigError listing every problem as "file:line: ...".
 
     `env` (default os.environ) supplies GATEWAY_STORE_URL / GATEWAY_PROXY_LISTEN /
-    GATEWAY_ADMIN_LISTEN; an empty variable counts as unset.
+    GATEWAY_ADMIN_LISTEN / GATEWAY_RATE_LIMIT_STORE_URL; an empty variable counts as unset. Any
+    other GATEWAY_* variable of `env` becomes a warning (environment_warnings).
     """
     env = os.environ if env is None else env
     display = str(path)
@@ -299,26 +392,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     base = absolute.parent
     root = load_yaml_mapping(Path(path), display)
     f = Validator(display)
-    f.keys(
-        root,
-        "",
-        (
-            "listeners",
-            "store",
-            "policies",
-            "trusted_proxies",
-            "forward_auth",
-            "identity",
-            "cache",
-            "routes",
-            "limits",
-            "admin",
-            "shutdown",
-            "signing",
-            "rate_limits",
-            "log_level",
-        ),
-    )
+    f.keys(root, "", _ROOT_KEYS)
 
     listeners = f.mapping(root, "listeners", "", ("proxy", "admin"))
     warnings: list[str] = []
@@ -406,6 +480,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
 
     if f.problems:
         raise ConfigError(f.sorted_problems())
+    warnings.extend(environment_warnings(env))
     return Config(
         path=absolute,
         proxy_listen=listen["proxy"],

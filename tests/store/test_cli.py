@@ -372,6 +372,36 @@ def test_check(config: Path, tmp_path: Path) -> None:
     assert grant.returncode == 1 and "roles.yaml:" in grant.stderr
 
 
+def test_check_warns_about_unknown_gateway_variables(config: Path, tmp_path: Path) -> None:
+    """Issue 15: GATEWAY_LOG_LEVEL and a misspelt GATEWAY_STORE_URI were silently ignored."""
+    env = {
+        "GATEWAY_LOG_LEVEL": "debug",
+        "GATEWAY_STORE_URI": "postgresql+asyncpg://u:hunter2@db.example/gw",
+        # What Kubernetes injects for a Service named gateway: not a typo, no warning.
+        "GATEWAY_SERVICE_HOST": "10.96.0.10",
+        "GATEWAY_PORT_8080_TCP": "tcp://10.96.0.10:8080",
+        "GATEWAY_TEST_PG": "postgresql://postgres@127.0.0.1:5432/test",
+    }
+    done = gateway("check", "--config", str(config), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ok: 1 routes, 3 roles\n"
+    unknown = "unknown environment variable (ignored)"
+    assert done.stderr.splitlines() == [
+        f"warning: GATEWAY_LOG_LEVEL: {unknown}; log_level is set in gateway.yaml",
+        f"warning: GATEWAY_STORE_URI: {unknown}; did you mean GATEWAY_STORE_URL?",
+    ]
+    # A config that does not load has no warnings to carry, yet the misspelt variable may be
+    # why: they come before the error.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    failed = gateway("check", cwd=elsewhere, env={"GATEWAY_CONFIG_FILE": str(config)})
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines() == [
+        f"warning: GATEWAY_CONFIG_FILE: {unknown}; did you mean GATEWAY_CONFIG?",
+        "error: gateway.yaml: file not found",
+    ]
+
+
 def test_concurrent_first_commands_migrate_once(config: Path, tmp_path: Path) -> None:
     environment = dict(os.environ, PYTHONPATH=str(ROOT))
     processes = [
