@@ -4,14 +4,16 @@ Imports: errors, yamlfile, sqlalchemy.engine.make_url (parsing only; no engine i
 
 Owns the schema of gateway.yaml (README "Configuration reference"), its defaults, the
 environment overrides (GATEWAY_STORE_URL, GATEWAY_PROXY_LISTEN,
-GATEWAY_ADMIN_LISTEN, GATEWAY_RATE_LIMIT_STORE_URL), and resolving relative paths against the directory of the
-config file, so the CLI and the server always open the same store. Validation
+GATEWAY_ADMIN_LISTEN, GATEWAY_RATE_LIMIT_STORE_URL), the list of every GATEWAY_* variable
+(others are warned about: README "Environment variables"), and resolving relative paths against
+the directory of the config file, so the CLI and the server always open the same store. Validation
 collects all problems before raising one ConfigError, so `gateway check` shows
 everything that is wrong at once. Field meanings are documented at the fields.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -155,7 +157,8 @@ class Config:
     admin_listen: Address = ("127.0.0.1", 8081)
     proxy_tls: ListenerTls | None = None  # the proxy listener serves HTTPS
     admin_tls: ListenerTls | None = None
-    warnings: tuple[str, ...] = ()  # "file:line: ..." worth logging at start, not fatal
+    # "file:line: ..." and "GATEWAY_X: ..." (unknown variables) worth logging at start, not fatal
+    warnings: tuple[str, ...] = ()
     # sqlite+aiosqlite:////abs/path.db or postgresql+asyncpg://...; may hold a password, so not in repr
     store_url: str = field(default="", repr=False)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -177,10 +180,34 @@ class Config:
 
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class ListenSchemeError(ValueError):
+    """parse_listen was given a URL ("https://127.0.0.1:8443"): a listener is HOST:PORT, and HTTPS is
+    a `tls` block beside it, which only the caller (a gateway.yaml key, a variable) can point at."""
+
+    def __init__(self, text: str, scheme: str, address: str | None) -> None:
+        example = f' ("{address}")' if address else ""
+        super().__init__(f"{text!r}: write HOST:PORT without a scheme{example}")
+        self.scheme = scheme  # lower case: "https", "http", …
+        self.address = address or "HOST:PORT"  # the URL's HOST:PORT, if it has a valid one
 
 
 def parse_listen(text: str) -> Address:
-    """Parse "HOST:PORT" (IPv6 as "[::1]:8080") into (host, port); ValueError with a clear message."""
+    """Parse "HOST:PORT" (IPv6 as "[::1]:8080") into (host, port); ValueError with a clear message.
+
+    A URL raises ListenSchemeError: without that check "https://127.0.0.1:8443" splits into the
+    host "https://127.0.0.1" and is refused as an IPv6 address missing its brackets (issue 15).
+    """
+    scheme = _SCHEME_RE.match(text)
+    if scheme is not None:
+        address: str | None = text[scheme.end() :].split("/", 1)[0]
+        try:
+            parse_listen(address or "")
+        except ValueError:
+            address = None
+        raise ListenSchemeError(text, scheme.group(1).lower(), address)
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{text!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
@@ -263,11 +290,101 @@ def _store_url(text: str, base: Path) -> str:
     return url.render_as_string(hide_password=False)
 
 
+# Every GATEWAY_* variable the gateway reads (README "Environment variables"). GATEWAY_CONFIG is
+# read by the CLI before any config exists and GATEWAY_SECRET_KEY by keyring, but they belong here
+# all the same: this list is what an unknown name is checked against.
+ENV_VARIABLES = (
+    "GATEWAY_CONFIG",
+    "GATEWAY_STORE_URL",
+    "GATEWAY_PROXY_LISTEN",
+    "GATEWAY_ADMIN_LISTEN",
+    "GATEWAY_RATE_LIMIT_STORE_URL",
+    "GATEWAY_SECRET_KEY",
+)
+# Not read yet, but taken by the coming remote CLI (commands against a running gateway's admin
+# API): a deployment that sets them early is not making a typo.
+RESERVED_VARIABLES = ("GATEWAY_ADMIN_URL", "GATEWAY_ADMIN_TOKEN")
+# Prefixes that belong to this repository's tooling, never to the gateway, whose processes inherit
+# them: GATEWAY_TEST_ is reserved for the test suite (GATEWAY_TEST_PG, GATEWAY_TEST_REDIS_DB, …) and
+# GATEWAY_BENCH_ for bench/run.py (GATEWAY_BENCH_PG). The gateway never reads a name under them.
+TOOLING_PREFIXES = ("GATEWAY_TEST_", "GATEWAY_BENCH_")
+# Kubernetes' service links (a pod's default, enableServiceLinks): a Service named `gateway`, or
+# `gateway-admin` and other `gateway-…`, in the pod's namespace injects GATEWAY_SERVICE_HOST,
+# GATEWAY_SERVICE_PORT[_<PORT NAME>], GATEWAY_PORT and GATEWAY_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]
+# (GATEWAY_ADMIN_SERVICE_HOST, … for gateway-admin). They are not typos; their values are checked
+# too, so that GATEWAY_PROXY_PORT=9090 (someone hoping to set the port) is still reported.
+_LINK_PORT = r"PORT_[0-9]+_(?:TCP|UDP|SCTP)"
+# (how the name ends after GATEWAY[_<rest of the Service's name>], the value's shape). A name may
+# fit several (GATEWAY_ADMIN_PORT_8081_TCP_PORT: gateway-admin's port 8081, or the PORT of a
+# Service gateway-admin-port-8081-tcp), so a variable passes when one fits name and value both.
+_SERVICE_LINKS = tuple(
+    (re.compile(rf"GATEWAY(?:_[A-Z0-9_]+)?_(?:{name})"), re.compile(value))
+    for name, value in (
+        ("SERVICE_HOST", r".+"),
+        (r"SERVICE_PORT(?:_[A-Z0-9_]+)?", r"[0-9]+"),
+        (rf"PORT|{_LINK_PORT}", r"(?:tcp|udp|sctp)://.+"),
+        (rf"{_LINK_PORT}_PROTO", r"tcp|udp|sctp"),
+        (rf"{_LINK_PORT}_PORT", r"[0-9]+"),
+        (rf"{_LINK_PORT}_ADDR", r".+"),
+    )
+)
+
+_ROOT_KEYS = (
+    "listeners",
+    "store",
+    "policies",
+    "trusted_proxies",
+    "forward_auth",
+    "identity",
+    "cache",
+    "routes",
+    "limits",
+    "admin",
+    "shutdown",
+    "signing",
+    "rate_limits",
+    "log_level",
+)
+
+
+def _is_service_link(name: str, value: str) -> bool:
+    """Whether `name`=`value` has the shape of a variable Kubernetes injects for a Service."""
+    return any(shape.fullmatch(name) and values.fullmatch(value) for shape, values in _SERVICE_LINKS)
+
+
+def environment_warnings(env: Mapping[str, str]) -> list[str]:
+    """One warning per GATEWAY_* variable the gateway does not read, sorted by name.
+
+    Such a variable is ignored, and silently ignoring it hid typos (GATEWAY_STORE_URI: the
+    gateway ran on the SQLite default) and settings that live in gateway.yaml only
+    (GATEWAY_LOG_LEVEL). Only names are quoted, never values (they may hold secrets).
+    """
+    known = (*ENV_VARIABLES, *RESERVED_VARIABLES)
+    suffixes = {name.removeprefix("GATEWAY_"): name for name in ENV_VARIABLES}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith("GATEWAY_") or name in known or name.startswith(TOOLING_PREFIXES):
+            continue
+        if _is_service_link(name, env[name]):
+            continue
+        suffix = name.removeprefix("GATEWAY_")
+        close = difflib.get_close_matches(suffix, suffixes, n=1, cutoff=0.7)
+        if suffix.lower() in _ROOT_KEYS:
+            hint = f"{suffix.lower()} is set in gateway.yaml"
+        elif close:
+            hint = f"did you mean {suffixes[close[0]]}?"
+        else:
+            hint = f"the gateway reads {', '.join(ENV_VARIABLES[:-1])} and {ENV_VARIABLES[-1]}"
+        warnings.append(f"{name}: unknown environment variable (ignored); {hint}")
+    return warnings
+
+
 def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate gateway.yaml; raise ConfigError listing every problem as "file:line: ...".
 
     `env` (default os.environ) supplies GATEWAY_STORE_URL / GATEWAY_PROXY_LISTEN /
-    GATEWAY_ADMIN_LISTEN; an empty variable counts as unset.
+    GATEWAY_ADMIN_LISTEN / GATEWAY_RATE_LIMIT_STORE_URL; an empty variable counts as unset. Any
+    other GATEWAY_* variable of `env` becomes a warning (environment_warnings).
     """
     env = os.environ if env is None else env
     display = str(path)
@@ -275,26 +392,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
     base = absolute.parent
     root = load_yaml_mapping(Path(path), display)
     f = Validator(display)
-    f.keys(
-        root,
-        "",
-        (
-            "listeners",
-            "store",
-            "policies",
-            "trusted_proxies",
-            "forward_auth",
-            "identity",
-            "cache",
-            "routes",
-            "limits",
-            "admin",
-            "shutdown",
-            "signing",
-            "rate_limits",
-            "log_level",
-        ),
-    )
+    f.keys(root, "", _ROOT_KEYS)
 
     listeners = f.mapping(root, "listeners", "", ("proxy", "admin"))
     warnings: list[str] = []
@@ -362,6 +460,15 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         if env.get(variable):
             try:
                 listen[key] = parse_listen(env[variable])
+            except ListenSchemeError as exc:
+                # The variable sets only the address: the file's tls block (if any) still applies.
+                hint = (
+                    f"; HTTPS is the tls block of listeners.{key} in gateway.yaml {_TLS_README}, "
+                    f"and {variable} then sets only its HOST:PORT"
+                    if exc.scheme == "https" and found[key][1] is None
+                    else ""
+                )
+                f.problems.append(f"{variable}: {exc}{hint}")
             except ValueError as exc:
                 f.problems.append(f"{variable}: {exc}")
     if env.get("GATEWAY_STORE_URL"):
@@ -373,6 +480,7 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
 
     if f.problems:
         raise ConfigError(f.sorted_problems())
+    warnings.extend(environment_warnings(env))
     return Config(
         path=absolute,
         proxy_listen=listen["proxy"],
@@ -451,9 +559,25 @@ def _listen(
     if text is not None:
         try:
             return parse_listen(text), tls
+        except ListenSchemeError as exc:
+            hint = "" if tls is not None else _https_hint(exc, isinstance(item, LineDict))
+            f.add(line, where, f"{exc}{hint}")
         except ValueError as exc:
             f.add(line, where, str(exc))
     return _LISTEN_DEFAULTS[key], tls
+
+
+_TLS_README = '(README "TLS on the listeners")'
+_TLS_BLOCK = "tls: {cert_file: ..., key_file: ...}"
+
+
+def _https_hint(exc: ListenSchemeError, object_form: bool) -> str:
+    """Where HTTPS is configured, for a listener written as an https:// URL ("" for other schemes)."""
+    if exc.scheme != "https":
+        return ""
+    if object_form:
+        return f"; for HTTPS add {_TLS_BLOCK} beside listen {_TLS_README}"
+    return f'; for HTTPS use {{listen: "{exc.address}", {_TLS_BLOCK}}} {_TLS_README}'
 
 
 def _listener_tls(

@@ -43,10 +43,14 @@ def test_shipped_config_checks_clean() -> None:
 def test_readme_set_up_commands_are_the_ci_commands() -> None:
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    assert "pip install . && gateway serve" in readme
+    # Each set-up block starts in a virtual environment (issue 15: a clean machine has none,
+    # and Debian's pip refuses to install into the system Python).
+    venv = "python3 -m venv .venv && . .venv/bin/activate\n"
+    assert f"```sh\n{venv}pip install . && gateway serve\n```" in readme
     test_command = "pip install '.[test]' && ruff check . && mypy && python -m pytest"
-    assert test_command in readme
+    assert f"```sh\n{venv}{test_command}\n```" in readme
     assert test_command in ci
+    assert ".venv/" in (REPO / ".gitignore").read_text().splitlines()
 
 
 def test_version_is_the_installed_distributions() -> None:

@@ -18,6 +18,7 @@ from gateway.cli.output import (
     TimeType,
     audit_table,
     emit_json,
+    expiry,
     keys_table,
     names,
     print_secret,
@@ -369,8 +370,7 @@ def token_set(
     print_secret(secret)
     click.echo(f"Created for user: {user}")
     click.echo(f"Roles: {role_list(carried)}" + (" (follows the user's roles)" if view.roles is None else ""))
-    if view.expires_at is not None:
-        click.echo(f"Expires at: {when(view.expires_at)}")
+    click.echo(f"Expires at: {expiry(view.expires_at)}")
 
 
 @token.command("list")
@@ -450,8 +450,7 @@ def key_create(
     click.echo(f"Created for user: {user}")
     if view.roles is not None:
         click.echo(f"Roles: {role_list(view.roles)}")
-    if view.expires_at is not None:
-        click.echo(f"Expires at: {when(view.expires_at)}")
+    click.echo(f"Expires at: {expiry(view.expires_at)}")
 
 
 @key.command("list")

@@ -36,6 +36,15 @@ def when(moment: datetime | None) -> str:
     return "-" if moment is None else format_time(moment)
 
 
+def expiry(moment: datetime | None) -> str:
+    """An `expires_at` for people: "never" when absent.
+
+    Not `when()`'s "-": a missing expiry line or an empty cell left newcomers wondering
+    whether the token had no expiry or the CLI had dropped it (issue 15).
+    """
+    return "never" if moment is None else format_time(moment)
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """Left-aligned columns separated by two spaces, headers first."""
     cells = [[cell(c) for c in row] for row in rows]
@@ -120,7 +129,7 @@ def tokens_table(tokens: Sequence[TokenView]) -> str:
                 t.name,
                 t.id,
                 "(user's roles)" if t.roles is None else ",".join(t.roles) or "(none)",
-                when(t.expires_at),
+                expiry(t.expires_at),
                 "expired" if t.is_expired() else "active",
                 when(t.last_used_at),
                 format_time(t.created_at),
@@ -140,7 +149,7 @@ def keys_table(keys: Sequence[KeyView]) -> str:
             [
                 k.id,
                 "(user's roles)" if k.roles is None else ",".join(k.roles) or "(none)",
-                when(k.expires_at),
+                expiry(k.expires_at),
                 "expired" if k.is_expired() else "active",
                 when(k.last_used_at),
                 format_time(k.created_at),

@@ -18,7 +18,7 @@ import click
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from gateway.config import Config, load_config
+from gateway.config import Config, environment_warnings, load_config
 from gateway.errors import ConfigError, GatewayError, StoreUnavailable
 from gateway.services import Directory, RoleGraph
 from gateway.store import Store, open_store
@@ -65,6 +65,11 @@ class Session:
             try:
                 self._config = load_config(self.config_path)
             except GatewayError as exc:
+                # A loaded config carries these in its warnings (serve logs them, check prints
+                # them); a failed one has none, yet a misspelt variable may be the very cause
+                # (GATEWAY_CONFIG_FILE=…: "gateway.yaml: file not found").
+                for warning in environment_warnings(os.environ):
+                    click.echo(f"warning: {warning}", err=True)
                 fail(exc)
         return self._config
 

@@ -266,6 +266,45 @@ def test_token_secret_is_shown_once_and_never_stored(cli: Run, config: Path) -> 
     assert tokens.digest(secret).encode() in stored
 
 
+def test_expiry_is_always_printed_never_when_absent(gw: Run) -> None:
+    """`token set` and `key create` always print an "Expires at" line, `never` without --expires-at;
+    the tables say `never` too (issue 15: a missing line read as a dropped value)."""
+    gw("user", "create", "svc", "--roles", "reader")
+    lasting = gw("token", "set", "lasting", "--user", "svc").stdout.splitlines()
+    secret = access_token("\n".join(lasting))
+    assert lasting == [
+        "Note: Save the token in a secure location as it will not be shown again",
+        f"Access token: {secret}",
+        "Created for user: svc",
+        "Roles: reader (follows the user's roles)",
+        "Expires at: never",
+    ]
+    dated = gw("token", "set", "dated", "--user", "svc", "--expires-at", "2099-01-01").stdout.splitlines()
+    assert dated[2:] == [
+        "Created for user: svc",
+        "Roles: reader (follows the user's roles)",
+        "Expires at: 2099-01-01T00:00:00Z",
+    ]
+    assert expires_column(gw("token", "list", "--user", "svc").stdout) == {
+        "dated": "2099-01-01T00:00:00Z",
+        "lasting": "never",
+    }
+    # JSON keeps the admin API's null.
+    items = json.loads(gw("token", "list", "--user", "svc", "--format", "json").stdout)["items"]
+    assert {item["name"]: item["expires_at"] for item in items}["lasting"] is None
+
+    key = gw("key", "create", "--user", "svc").stdout.splitlines()
+    assert key[-2:] == ["Created for user: svc", "Expires at: never"]
+    assert list(expires_column(gw("key", "list", "--user", "svc").stdout).values()) == ["never"]
+
+
+def expires_column(table: str) -> dict[str, str]:
+    """First cell → EXPIRES AT cell of a CLI table (cells may hold spaces: "(user's roles)")."""
+    header, *rows = table.splitlines()
+    start = header.index("EXPIRES AT")
+    return {row.split()[0]: row[start:].split()[0] for row in rows}
+
+
 def test_errors_exit_1_with_messages(gw: Run) -> None:
     gw("user", "create", "svc", "--roles", "reader")
     cases = [
@@ -377,6 +416,36 @@ def test_check(config: Path, tmp_path: Path) -> None:
     assert gateway("user", "list", "--config", str(config), cwd=tmp_path).returncode == 0
     grant = gateway("user", "create", "x", "--roles", "reader", "--config", str(config), cwd=tmp_path)
     assert grant.returncode == 1 and "roles.yaml:" in grant.stderr
+
+
+def test_check_warns_about_unknown_gateway_variables(config: Path, tmp_path: Path) -> None:
+    """Issue 15: GATEWAY_LOG_LEVEL and a misspelt GATEWAY_STORE_URI were silently ignored."""
+    env = {
+        "GATEWAY_LOG_LEVEL": "debug",
+        "GATEWAY_STORE_URI": "postgresql+asyncpg://u:hunter2@db.example/gw",
+        # What Kubernetes injects for a Service named gateway: not a typo, no warning.
+        "GATEWAY_SERVICE_HOST": "10.96.0.10",
+        "GATEWAY_PORT_8080_TCP": "tcp://10.96.0.10:8080",
+        "GATEWAY_TEST_PG": "postgresql://postgres@127.0.0.1:5432/test",
+    }
+    done = gateway("check", "--config", str(config), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ok: 1 routes, 3 roles\n"
+    unknown = "unknown environment variable (ignored)"
+    assert done.stderr.splitlines() == [
+        f"warning: GATEWAY_LOG_LEVEL: {unknown}; log_level is set in gateway.yaml",
+        f"warning: GATEWAY_STORE_URI: {unknown}; did you mean GATEWAY_STORE_URL?",
+    ]
+    # A config that does not load has no warnings to carry, yet the misspelt variable may be
+    # why: they come before the error.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    failed = gateway("check", cwd=elsewhere, env={"GATEWAY_CONFIG_FILE": str(config)})
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines() == [
+        f"warning: GATEWAY_CONFIG_FILE: {unknown}; did you mean GATEWAY_CONFIG?",
+        "error: gateway.yaml: file not found",
+    ]
 
 
 def test_concurrent_first_commands_migrate_once(config: Path, tmp_path: Path) -> None:
