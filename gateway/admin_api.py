@@ -337,6 +337,7 @@ class AdminApi:
             ("POST", user + "/keys", self.create_key, ()),
             ("POST", key + "/expire", self.expire_key, ()),
             ("DELETE", key, self.delete_key, ()),
+            ("GET", "/v1/api-keys/{key}", self.get_key, ()),
             ("GET", "/v1/roles", self.list_roles, paged),
             ("GET", "/v1/routes", self.list_routes, paged),
             ("GET", "/v1/audit-events", self.list_audit, ("actor", "since", *paged)),
@@ -506,6 +507,15 @@ class AdminApi:
         await self._directory.delete_key(user, _key_id(request), actor=request[PRINCIPAL].user)
         await self._changed(user, origins=False)
         return web.Response(status=204)
+
+    async def get_key(self, request: web.Request) -> web.Response:
+        """GET /v1/api-keys/{key}: one key by its id, whoever holds it (its `user` names them)."""
+        key_id = _key_id(request)
+        owner = await self._directory.key_owner(key_id)
+        for view in await self._directory.list_keys(owner):
+            if view.id == key_id:
+                return web.json_response(view.to_json())
+        raise NotFound(f"API key {key_id} not found")
 
     async def list_roles(self, request: web.Request) -> web.Response:
         """GET /v1/roles?limit=&after=: the roles policies/ defines now, by name."""

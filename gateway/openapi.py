@@ -553,6 +553,15 @@ def _key_paths() -> dict[str, JSONObject]:
                 "deleteKey", "Delete an API key", ("204", _NO_CONTENT), "404", parameters=both
             ),
         },
+        "/v1/api-keys/{key}": {
+            "get": _operation(
+                "getKey",
+                "One API key by its id, whoever holds it (never its secret)",
+                ("200", _json(_ref("ApiKey"), "the key")),
+                "404",
+                parameters=[both[1]],
+            ),
+        },
     }
 
 

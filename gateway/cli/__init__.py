@@ -26,20 +26,25 @@ import click
 from gateway.cli.commands import DEFAULT_CONFIG, cli
 from gateway.cli.session import Session
 
-__all__ = ["UsageProblem", "cli", "main", "split_config_option"]
+__all__ = ["UsageProblem", "cli", "main", "split_config_option", "split_global_options"]
 
 
 class UsageProblem(Exception):
     """A malformed --config option, found before click parses anything."""
 
 
-def split_config_option(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Take ``--config PATH`` / ``--config=PATH`` out of `argv` wherever it is: (path, rest).
+# Options of the whole command line that may also follow the subcommand.
+GLOBAL_OPTIONS = ("--config", "--admin-url", "--admin-token-file", "--admin-ca-file")
 
-    Lets ``--config`` follow the subcommand (``gateway user list --config x.yaml``),
-    which click's group options cannot do. Scanning stops at ``--``; the last one wins.
+
+def split_global_options(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Take the GLOBAL_OPTIONS (``--opt VALUE`` / ``--opt=VALUE``) out of `argv` wherever they
+    are: ({option: value}, rest).
+
+    Lets them follow the subcommand (``gateway user list --config x.yaml``), which click's
+    group options cannot do. Scanning stops at ``--``; the last one wins.
     """
-    path: str | None = None
+    found: dict[str, str] = {}
     rest: list[str] = []
     items = iter(argv)
     for item in items:
@@ -47,27 +52,41 @@ def split_config_option(argv: Sequence[str]) -> tuple[str | None, list[str]]:
             rest.append(item)
             rest.extend(items)
             break
-        if item == "--config":
-            path = next(items, None)
-            if path is None or path.startswith("-"):
-                raise UsageProblem("option '--config' requires a path")
-        elif item.startswith("--config="):
-            path = item.removeprefix("--config=")
-            if not path:
-                raise UsageProblem("option '--config' requires a path")
-        else:
+        name, equals, value = item.partition("=")
+        if name not in GLOBAL_OPTIONS:
             rest.append(item)
-    return path, rest
+            continue
+        if not equals:
+            value = next(items, "")
+            if value.startswith("-"):
+                value = ""
+        if not value:
+            raise UsageProblem(f"option '{name}' requires a value")
+        found[name] = value
+    return found, rest
+
+
+def split_config_option(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`split_global_options` for --config alone (the others stay in the rest)."""
+    found, rest = split_global_options(argv)
+    others = [part for name, value in found.items() if name != "--config" for part in (name, value)]
+    return found.get("--config"), others + rest
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``gateway = "gateway.cli:main"``); exits with the command's status."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        path, rest = split_config_option(args)
+        found, rest = split_global_options(args)
     except UsageProblem as exc:
         click.echo("Usage: gateway [--config PATH] COMMAND [ARGS]...", err=True)
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    chosen = path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG
-    cli.main(args=rest, prog_name="gateway", obj=Session(Path(chosen)))
+    chosen = found.get("--config") or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG
+    session = Session(
+        Path(chosen),
+        admin_url=found.get("--admin-url"),
+        admin_token_file=found.get("--admin-token-file"),
+        admin_ca_file=found.get("--admin-ca-file"),
+    )
+    cli.main(args=rest, prog_name="gateway", obj=session)

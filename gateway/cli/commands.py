@@ -30,10 +30,11 @@ from gateway.cli.output import (
     users_table,
     when,
 )
-from gateway.cli.session import Session, actor, fail
+from gateway.cli.remote import RemoteDirectory
+from gateway.cli.session import Backend, Session, actor, fail
 from gateway.errors import GatewayError, Invalid
 from gateway.ratelimit import Limit
-from gateway.services import UNSET, AuditView, Directory, KeyView, TokenView, Unset, UserView
+from gateway.services import UNSET, AuditView, KeyView, TokenView, Unset, UserView
 from gateway.timeparse import format_time
 
 DEFAULT_CONFIG = "gateway.yaml"
@@ -65,14 +66,37 @@ pass_session = click.make_pass_decorator(Session)
     metavar="PATH",
     help=f"config file (default: $GATEWAY_CONFIG, else ./{DEFAULT_CONFIG}); also accepted after the command",
 )
+@click.option(
+    "--admin-url",
+    metavar="URL",
+    help="manage a running gateway through its admin API (env GATEWAY_ADMIN_URL; https:// unless loopback)",
+)
+@click.option(
+    "--admin-token-file", metavar="FILE", help="a file holding the admin token (else env GATEWAY_ADMIN_TOKEN)"
+)
+@click.option("--admin-ca-file", metavar="FILE", help="CA certificate(s) to trust for the admin URL")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    config: str | None,
+    admin_url: str | None,
+    admin_token_file: str | None,
+    admin_ca_file: str | None,
+) -> None:
     """Service-user gateway: serve, check the config, manage service users and their tokens."""
-    # main() has normally taken --config out of argv already (so it may follow the command).
-    if config is not None or not isinstance(ctx.obj, Session):
+    # main() has normally taken these out of argv already (so they may follow the command).
+    if not isinstance(ctx.obj, Session):
         from pathlib import Path
 
         ctx.obj = Session(Path(config or DEFAULT_CONFIG))
+    session: Session = ctx.obj
+    if config is not None:
+        from pathlib import Path
+
+        session.config_path = Path(config)
+    session.admin_url = admin_url or session.admin_url
+    session.admin_token_file = admin_token_file or session.admin_token_file
+    session.admin_ca_file = admin_ca_file or session.admin_ca_file
 
 
 @cli.command()
@@ -90,8 +114,9 @@ def serve(session: Session, workers: int) -> None:
 
 
 @cli.command()
+@FORMAT
 @pass_session
-def check(session: Session) -> None:
+def check(session: Session, output: str) -> None:
     """Validate gateway.yaml and policies/: exit 0, or 1 with one file:line problem per line."""
     from gateway.policy import load_route_table
 
@@ -102,6 +127,16 @@ def check(session: Session) -> None:
         fail(exc)
     for warning in (*config.warnings, *table.warnings):
         click.echo(f"warning: {warning}", err=True)
+    if output == "json":
+        emit_json(
+            {
+                "ok": True,
+                "routes": len(config.routes),
+                "roles": len(table.role_names()),
+                "warnings": [*config.warnings, *table.warnings],
+            }
+        )
+        return
     click.echo(f"ok: {len(config.routes)} routes, {len(table.role_names())} roles")
 
 
@@ -174,19 +209,29 @@ def explain(
     except Invalid as exc:
         hint = "--origin" if exc.field == "origin" else exc.field.upper()
         raise click.BadParameter(exc.message, param_hint=hint) from None
-    try:
-        settings = build_settings(session.config())
-    except GatewayError as exc:
-        fail(exc)
-    trace = session.run_store(
-        lambda store: explain_from_store(settings, store, target, token=token, user=user_name)
-    )
+    if session.remote() is not None:
+        trace = session.run(
+            lambda api: _remote(api).explain(method, url, token=token, user=user_name, origin=origin)
+        )
+    else:
+        try:
+            settings = build_settings(session.config())
+        except GatewayError as exc:
+            fail(exc)
+        trace = session.run_store(
+            lambda store: explain_from_store(settings, store, target, token=token, user=user_name)
+        )
     if output == "json":
         emit_json(trace.to_json())
     else:
         click.echo(trace.render())
     if not trace.allowed:
         sys.exit(REFUSED_EXIT)
+
+
+def _remote(backend: Backend) -> RemoteDirectory:
+    assert isinstance(backend, RemoteDirectory)  # Session.run gives one in remote mode
+    return backend
 
 
 # -- user ----------------------------------------------------------------------------
@@ -204,6 +249,7 @@ def user() -> None:
 @click.option("--origins", help="comma-separated browser origins its tokens may be used from")
 @click.option("--admin", is_flag=True, help="an admin identity (admin API only; holds no roles)")
 @RATE_LIMIT
+@FORMAT
 @pass_session
 def user_create(
     session: Session,
@@ -213,6 +259,7 @@ def user_create(
     origins: str | None,
     admin: bool,
     rate_limit: Limit | None,
+    output: str,
 ) -> None:
     """Create a service user."""
     created = session.run(
@@ -226,6 +273,9 @@ def user_create(
             rate_limit=rate_limit,
         )
     )
+    if output == "json":
+        emit_json(created.to_json())
+        return
     click.echo(f"User created: {created.name}")
     if created.kind == "admin":
         click.echo("Kind: admin")
@@ -246,7 +296,7 @@ def user_list(session: Session, prefix: str | None, roles: str | None, output: s
     """List users, sorted by name."""
     wanted = names([roles or ""])
 
-    async def work(directory: Directory) -> list[UserView]:
+    async def work(directory: Backend) -> list[UserView]:
         found = await directory.list_users(prefix=prefix, role=wanted[0] if wanted else None)
         return [u for u in found if set(wanted) <= set(u.role_names)]
 
@@ -282,6 +332,7 @@ def user_get(session: Session, name: str, output: str) -> None:
 @click.option(
     "--no-rate-limit", is_flag=True, help="drop the user's own rate limit (rate_limits.per_user applies)"
 )
+@FORMAT
 @pass_session
 def user_update(
     session: Session,
@@ -294,6 +345,7 @@ def user_update(
     disabled: bool | None,
     rate_limit: Limit | None,
     no_rate_limit: bool,
+    output: str,
 ) -> None:
     """Change a user's roles, origins, description, state or rate limit."""
     if rate_limit is not None and no_rate_limit:
@@ -313,16 +365,23 @@ def user_update(
             rate_limit=new_limit,
         )
     )
+    if output == "json":
+        emit_json(updated.to_json())
+        return
     click.echo(f"User updated: {updated.name}")
     click.echo(user_details(updated))
 
 
 @user.command("delete")
 @click.argument("name")
+@FORMAT
 @pass_session
-def user_delete(session: Session, name: str) -> None:
+def user_delete(session: Session, name: str, output: str) -> None:
     """Delete a user and all its tokens."""
     session.run(lambda d: d.delete_user(name, actor=actor()))
+    if output == "json":
+        emit_json({"deleted": True, "name": name})
+        return
     click.echo(f"User deleted: {name} (its tokens were deleted too)")
 
 
@@ -343,6 +402,7 @@ def token() -> None:
     "--roles",
     help="comma-separated roles the user holds or reaches via includes (default: follow the user's roles)",
 )
+@FORMAT
 @pass_session
 def token_set(
     session: Session,
@@ -351,10 +411,11 @@ def token_set(
     expires_at: datetime | None,
     description: str | None,
     roles: str | None,
+    output: str,
 ) -> None:
     """Create a token and print its secret once."""
 
-    async def work(directory: Directory) -> tuple[TokenView, str, tuple[str, ...]]:
+    async def work(directory: Backend) -> tuple[TokenView, str, tuple[str, ...]]:
         view, secret = await directory.create_token(
             user,
             token_name,
@@ -367,6 +428,9 @@ def token_set(
         return view, secret, carried
 
     view, secret, carried = session.run(work)
+    if output == "json":
+        emit_json({**view.to_json(), "token": secret})  # as the admin API answers it
+        return
     print_secret(secret)
     click.echo(f"Created for user: {user}")
     click.echo(f"Roles: {role_list(carried)}" + (" (follows the user's roles)" if view.roles is None else ""))
@@ -389,10 +453,14 @@ def token_list(session: Session, user: str, output: str) -> None:
 @token.command("reset")
 @click.argument("token_name")
 @TOKEN_USER
+@FORMAT
 @pass_session
-def token_reset(session: Session, token_name: str, user: str) -> None:
+def token_reset(session: Session, token_name: str, user: str, output: str) -> None:
     """Give a token a new secret; the old one stops working at once."""
     view, secret = session.run(lambda d: d.reset_token(user, token_name, actor=actor()))
+    if output == "json":
+        emit_json({**view.to_json(), "token": secret})
+        return
     print_secret(secret)
     click.echo(f"Token reset: {view.name} (id {view.id}) for user: {user}")
 
@@ -400,20 +468,28 @@ def token_reset(session: Session, token_name: str, user: str) -> None:
 @token.command("expire")
 @click.argument("token_name")
 @TOKEN_USER
+@FORMAT
 @pass_session
-def token_expire(session: Session, token_name: str, user: str) -> None:
+def token_expire(session: Session, token_name: str, user: str, output: str) -> None:
     """Make a token expire now; it stays listed as expired."""
     view = session.run(lambda d: d.expire_token(user, token_name, actor=actor()))
+    if output == "json":
+        emit_json(view.to_json())
+        return
     click.echo(f"Token expired: {view.name} for user: {user} (expired on {when(view.expires_at)})")
 
 
 @token.command("delete")
 @click.argument("token_name")
 @TOKEN_USER
+@FORMAT
 @pass_session
-def token_delete(session: Session, token_name: str, user: str) -> None:
+def token_delete(session: Session, token_name: str, user: str, output: str) -> None:
     """Delete a token; it stops working at once."""
     session.run(lambda d: d.delete_token(user, token_name, actor=actor()))
+    if output == "json":
+        emit_json({"deleted": True, "user": user, "name": token_name})
+        return
     click.echo(f"Token deleted: {token_name} for user: {user}")
 
 
@@ -430,9 +506,15 @@ def key() -> None:
 @click.option("--description", help="what the key is for")
 @click.option("--expires-at", type=TimeType(), help="ISO 8601 date or date-time (UTC unless a zone is given)")
 @click.option("--roles", help="comma-separated roles the key's tokens carry (default: the user's)")
+@FORMAT
 @pass_session
 def key_create(
-    session: Session, user: str, description: str | None, expires_at: datetime | None, roles: str | None
+    session: Session,
+    user: str,
+    description: str | None,
+    expires_at: datetime | None,
+    roles: str | None,
+    output: str,
 ) -> None:
     """Create an API key and print its secret once."""
     view, secret = session.run(
@@ -444,6 +526,9 @@ def key_create(
             roles=None if roles is None else names([roles]),
         )
     )
+    if output == "json":
+        emit_json({**view.to_json(), "secret": secret})  # as the admin API answers it
+        return
     click.echo(KEY_NOTE)
     click.echo(f"Key ID: {view.id}")
     click.echo(f"Key secret: {secret}")
@@ -468,29 +553,37 @@ def key_list(session: Session, user: str, output: str) -> None:
 
 @key.command("expire")
 @click.argument("key_id")
+@FORMAT
 @pass_session
-def key_expire(session: Session, key_id: str) -> None:
+def key_expire(session: Session, key_id: str, output: str) -> None:
     """Expire a key now: tokens minted from it stop working at once."""
 
-    async def work(directory: Directory) -> KeyView:
+    async def work(directory: Backend) -> KeyView:
         return await directory.expire_key(await directory.key_owner(key_id), key_id, actor=actor())
 
     view = session.run(work)
+    if output == "json":
+        emit_json(view.to_json())
+        return
     click.echo(f"Key expired: {view.id} of user: {view.user} (expired on {when(view.expires_at)})")
 
 
 @key.command("delete")
 @click.argument("key_id")
+@FORMAT
 @pass_session
-def key_delete(session: Session, key_id: str) -> None:
+def key_delete(session: Session, key_id: str, output: str) -> None:
     """Delete a key: it and every token minted from it stop working at once."""
 
-    async def work(directory: Directory) -> str:
+    async def work(directory: Backend) -> str:
         owner = await directory.key_owner(key_id)
         await directory.delete_key(owner, key_id, actor=actor())
         return owner
 
     owner = session.run(work)
+    if output == "json":
+        emit_json({"deleted": True, "id": key_id, "user": owner})
+        return
     click.echo(f"Key deleted: {key_id} of user: {owner}")
 
 
@@ -533,8 +626,9 @@ def signing_key_list(session: Session, output: str) -> None:
 
 @signing_key.command("rotate")
 @click.option("--now", "now_too", is_flag=True, help="sign with it at once (skip signing.publish_ahead)")
+@FORMAT
 @pass_session
-def signing_key_rotate(session: Session, now_too: bool) -> None:
+def signing_key_rotate(session: Session, now_too: bool, output: str) -> None:
     """Publish a new signing key; it signs after signing.publish_ahead (or at once with --now)."""
     from gateway.keyring import load_secret, rotate
 
@@ -544,17 +638,24 @@ def signing_key_rotate(session: Session, now_too: bool) -> None:
     except GatewayError as exc:
         fail(exc)
     added = session.run_store(lambda store: rotate(store, config, secret, now_too=now_too, actor=actor()))
+    if output == "json":
+        emit_json({"kid": added.kid, "alg": added.alg, "signs_from": format_time(added.signs_from)})
+        return
     click.echo(f"Signing key added: {added.kid} ({added.alg}); it signs from {format_time(added.signs_from)}")
 
 
 @signing_key.command("revoke")
 @click.argument("kid")
+@FORMAT
 @pass_session
-def signing_key_revoke(session: Session, kid: str) -> None:
+def signing_key_revoke(session: Session, kid: str, output: str) -> None:
     """Revoke a compromised key: it leaves the JWKS and its tokens are refused at once everywhere."""
     from gateway.keyring import revoke
 
     revoked = session.run_store(lambda store: revoke(store, kid, actor=actor()))
+    if output == "json":
+        emit_json({"kid": revoked.kid, "revoked": True})
+        return
     click.echo(f"Signing key revoked: {revoked.kid}")
 
 

@@ -18,10 +18,14 @@ import click
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from gateway.cli.remote import AdminTarget, RemoteDirectory, check_admin_url
 from gateway.config import Config, environment_warnings, load_config
 from gateway.errors import ConfigError, GatewayError, StoreUnavailable
 from gateway.services import Directory, RoleGraph
 from gateway.store import Store, open_store
+
+# What a user, token, key, audit or explain command works on: the store, or the admin API.
+Backend = Directory | RemoteDirectory
 
 T = TypeVar("T")
 
@@ -54,10 +58,41 @@ def safe_url(url: str) -> str:
 
 @dataclass
 class Session:
-    """The config path given on the command line, and what is loaded from it on demand."""
+    """The config path given on the command line, and what is loaded from it on demand.
+
+    `admin_url` (or GATEWAY_ADMIN_URL) switches the user, token, key, audit and explain
+    commands to remote mode: they go through that gateway's admin API instead of the store.
+    """
 
     config_path: Path
+    admin_url: str | None = None
+    admin_token_file: str | None = None
+    admin_ca_file: str | None = None
     _config: Config | None = field(default=None, repr=False)
+
+    def remote(self) -> AdminTarget | None:
+        """The admin API to work through (None: the local store); bad settings exit 1."""
+        url = self.admin_url or os.environ.get("GATEWAY_ADMIN_URL") or None
+        if url is None:
+            return None
+        try:
+            url = check_admin_url(url)
+        except ValueError as exc:
+            fail(GatewayError(f"--admin-url: {exc}"))
+        if self.admin_token_file is not None:
+            try:
+                token = Path(self.admin_token_file).read_text().strip()
+            except OSError as exc:
+                fail(GatewayError(f"--admin-token-file: cannot read {self.admin_token_file}: {exc.strerror}"))
+        else:
+            token = os.environ.get("GATEWAY_ADMIN_TOKEN", "").strip()
+        if not token:
+            fail(
+                GatewayError(
+                    "remote mode needs an admin token: set GATEWAY_ADMIN_TOKEN or --admin-token-file FILE"
+                )
+            )
+        return AdminTarget(url, token, self.admin_ca_file)
 
     def config(self) -> Config:
         """The loaded gateway.yaml; a ConfigError exits 1 with its file:line problems."""
@@ -87,9 +122,24 @@ class Session:
 
         return roles
 
-    def run(self, work: Callable[[Directory], Awaitable[T]]) -> T:
-        """Open (and migrate) the store, run `work` on a Directory, close; errors exit 1."""
-        return self.run_store(lambda store: work(Directory(store, self.policies())))
+    def run(self, work: Callable[[Backend], Awaitable[T]]) -> T:
+        """Run `work` on the admin API (remote mode) or on a Directory over the store (opened,
+        migrated and closed here); errors exit 1."""
+        target = self.remote()
+        if target is None:
+            return self.run_store(lambda store: work(Directory(store, self.policies())))
+
+        async def go() -> T:
+            directory = RemoteDirectory(target)
+            try:
+                return await work(directory)
+            finally:
+                await directory.close()
+
+        try:
+            return asyncio.run(go())
+        except GatewayError as exc:
+            fail(exc)
 
     def run_store(self, work: Callable[[Store], Awaitable[T]]) -> T:
         """Open (and migrate) the store, run `work` on it, close; errors exit 1."""
