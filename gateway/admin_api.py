@@ -240,6 +240,13 @@ def token_answer(view: TokenView, secret: str) -> dict[str, object]:
     return {**view.to_json(), "token": secret}
 
 
+def secret_answer(body: dict[str, object], status: int = 200) -> web.Response:
+    """An answer carrying a secret shown once: no cache, proxy or browser may keep it."""
+    answer = web.json_response(body, status=status)
+    answer.headers["Cache-Control"] = "no-store"
+    return answer
+
+
 def role_json(role: Role) -> dict[str, object]:
     """A `/v1/roles` item."""
     return {
@@ -436,7 +443,7 @@ class AdminApi:
             roles=body.strings("roles", nullable=True),
         )
         await self._changed(user, origins=False)
-        return web.json_response(token_answer(view, secret), status=201)
+        return secret_answer(token_answer(view, secret), status=201)
 
     async def reset_token(self, request: web.Request) -> web.Response:
         """POST .../tokens/{token}/reset: same id, new secret (shown this once)."""
@@ -444,7 +451,7 @@ class AdminApi:
         token = path_name(request, "token", "token")
         view, secret = await self._directory.reset_token(user, token, actor=request[PRINCIPAL].user)
         await self._changed(user, origins=False)
-        return web.json_response(token_answer(view, secret))
+        return secret_answer(token_answer(view, secret))
 
     async def expire_token(self, request: web.Request) -> web.Response:
         """POST .../tokens/{token}/expire: it stops working at once and stays listed."""
@@ -490,9 +497,7 @@ class AdminApi:
             roles=body.strings("roles", nullable=True),
         )
         await self._changed(user, origins=False)
-        answer = web.json_response({**view.to_json(), "secret": secret}, status=201)
-        answer.headers["Cache-Control"] = "no-store"
-        return answer
+        return secret_answer({**view.to_json(), "secret": secret}, status=201)
 
     async def expire_key(self, request: web.Request) -> web.Response:
         """POST .../keys/{key}/expire: tokens minted from it stop working at once."""

@@ -135,3 +135,16 @@ async def test_changes_apply_at_once_on_this_instance(admin: Admin) -> None:
     assert await admin.proxy_status(second) == 200
     assert (await admin.call("DELETE", "/v1/service-users/svc/tokens/b")).status == 204
     assert await admin.proxy_status(second) == 401
+
+
+async def test_every_answer_carrying_a_secret_is_no_store_and_no_other_is(admin: Admin) -> None:
+    created = await admin.call("POST", "/v1/service-users", json={"name": "svc", "roles": ["reader"]})
+    assert "Cache-Control" not in created.headers
+    issued = await admin.call("POST", "/v1/service-users/svc/tokens", json={"name": "t"})
+    reset = await admin.call("POST", "/v1/service-users/svc/tokens/t/reset")
+    key = await admin.call("POST", "/v1/service-users/svc/keys", json={})
+    for answer, field in ((issued, "token"), (reset, "token"), (key, "secret")):
+        assert answer.status in (200, 201) and answer.body[field], answer.text
+        assert answer.headers["Cache-Control"] == "no-store", answer.headers
+    listed = await admin.call("GET", "/v1/service-users/svc/tokens")
+    assert "Cache-Control" not in listed.headers and "token" not in listed.body["items"][0]
