@@ -549,7 +549,9 @@ class AdminApi:
         since = None if since_text is None else parse_time_field(since_text, "since")
         limit, after = page_of(request, (int,))
         before = None if after is None else int(after[0])
-        events = await self._directory.list_audit(actor=actor, since=since, limit=limit + 1, before=before)
+        events = await self._directory.list_audit(
+            actor=actor, since=since, limit=limit, before=before, peek=True
+        )
         return page_answer(events, limit, lambda event: (event.id,), lambda event: event.to_json())
 
     async def explain(self, request: web.Request) -> web.Response:

@@ -67,12 +67,14 @@ class Directory(UserOperations, TokenOperations, KeyOperations):
         since: datetime | None = None,
         limit: int = 100,
         before: int | None = None,
+        peek: bool = False,
     ) -> list[AuditView]:
         """Audit events, newest first, optionally by `actor`, at or after `since`, and older
-        than event `before` (the cursor of the page before)."""
-        if not 1 <= limit <= MAX_AUDIT_LIMIT + 1:  # one more: whether another page follows
+        than event `before` (the cursor of the page before); `peek` adds one more, which says
+        whether another page follows."""
+        if not 1 <= limit <= MAX_AUDIT_LIMIT:
             raise Invalid("limit", f"limit must be between 1 and {MAX_AUDIT_LIMIT}")
-        query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1 if peek else limit)
         if before is not None:
             query = query.where(AuditEvent.id < before)
         if actor is not None:
