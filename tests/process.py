@@ -62,6 +62,17 @@ async def until_listening(
     pytest.fail(f"{process.args!r} not listening on {port} within {within:g}s:\n{logs()}")
 
 
+def stop_process(process: subprocess.Popen[bytes], within: float) -> None:
+    """SIGTERM `process`, SIGKILL it when it has not exited within `within` seconds, and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=within)
+
+
 async def writer_token(config: Path, user: str = "svc") -> str:
     """Create `user` (role writer) and a token for it in the store of `config`; the secret."""
     gateway = await Gateway.open(load_config(config, env={}))

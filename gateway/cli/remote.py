@@ -105,33 +105,28 @@ def user_from_json(data: dict[str, Any]) -> UserView:
     )
 
 
+def _credential(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields tokens and API keys share, as their views hold them."""
+    return {
+        "id": data["id"],
+        "user": data["user"],
+        "description": data["description"],
+        "roles": None if data["roles"] is None else tuple(data["roles"]),
+        "expires_at": _time(data["expires_at"]),
+        "created_at": _required_time(data["created_at"]),
+        "created_by": data["created_by"],
+        "last_used_at": _time(data["last_used_at"]),
+    }
+
+
 def token_from_json(data: dict[str, Any]) -> TokenView:
     """The view behind an admin API token object."""
-    return TokenView(
-        id=data["id"],
-        name=data["name"],
-        user=data["user"],
-        description=data["description"],
-        roles=None if data["roles"] is None else tuple(data["roles"]),
-        expires_at=_time(data["expires_at"]),
-        created_at=_required_time(data["created_at"]),
-        created_by=data["created_by"],
-        last_used_at=_time(data["last_used_at"]),
-    )
+    return TokenView(name=data["name"], **_credential(data))
 
 
 def key_from_json(data: dict[str, Any]) -> KeyView:
     """The view behind an admin API key object."""
-    return KeyView(
-        id=data["id"],
-        user=data["user"],
-        description=data["description"],
-        roles=None if data["roles"] is None else tuple(data["roles"]),
-        expires_at=_time(data["expires_at"]),
-        created_at=_required_time(data["created_at"]),
-        created_by=data["created_by"],
-        last_used_at=_time(data["last_used_at"]),
-    )
+    return KeyView(**_credential(data))
 
 
 def audit_from_json(data: dict[str, Any]) -> AuditView:

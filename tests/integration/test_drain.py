@@ -343,19 +343,22 @@ async def test_idle_keepalive_connections_close_right_after_drain_delay_and_the_
 async def test_a_connection_accepted_before_the_listener_closed_gets_its_first_request_answered(
     tmp_path: Path, upstream: TestServer
 ) -> None:
-    # A proxy in front opens a connection, then sends its request: if the drain closed it as
-    # "idle" in between, the request would be reset after it was sent (nginx retries no POST).
-    drain_delay, timeout = 0.5, 5.0
+    # A proxy in front opens a connection and sends its request: if the drain closed it as
+    # "idle" before reading it all, the request would be reset after it was sent (nginx retries
+    # no POST). The head's first line goes first, so the gateway has surely accepted the
+    # connection when the signal comes (one still in the kernel's queue is another matter).
+    drain_delay, timeout = 1.0, 5.0
     config = drain_config(tmp_path, upstream, drain_delay=drain_delay, timeout=timeout)
     async with serving(config) as (process, token):
         reader, writer = await asyncio.open_connection("127.0.0.1", process.proxy_port)
         try:
+            writer.write(b"POST /strip/late HTTP/1.1\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.3)
             process.signal(signal.SIGTERM)
             await asyncio.sleep(drain_delay + 0.5)  # the listener is closed, idle connections too
-            request = f"POST /strip/late HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-            status, headers, _ = await exchange(
-                reader, writer, request.encode() + b"Content-Length: 2\r\n\r\nok"
-            )
+            rest = f"Host: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 2\r\n\r\nok"
+            status, headers, _ = await exchange(reader, writer, rest.encode())
             assert status == 200
             assert headers.get("connection", "").lower() == "close"
         finally:

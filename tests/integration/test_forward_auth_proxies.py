@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from tests.conftest import IN_CI, Harness
-from tests.process import free_port, until_listening
+from tests.process import free_port, stop_process, until_listening
 from tests.upstream import SEEN, header_values
 
 # Decisions do not depend on the store: one store keeps the file well under its time budget.
@@ -153,13 +153,7 @@ class ProxyProcess:
         await until_listening(self.port, self.process, self.logs, READY_SECONDS)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_SECONDS)
+        stop_process(self.process, STOP_SECONDS)
         self._log.close()
 
 

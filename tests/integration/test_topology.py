@@ -43,7 +43,7 @@ from gateway.policy import load_route_table
 from gateway.services import Directory
 from gateway.store import open_store
 from tests.conftest import IN_CI, fresh_pg_database, write_config
-from tests.process import GatewayProcess, free_port, until_listening
+from tests.process import GatewayProcess, free_port, stop_process, until_listening
 
 NGINX = "/usr/sbin/nginx"
 READY_SECONDS = 10.0
@@ -172,13 +172,7 @@ class Nginx:
         await until_listening(self.port, self.process, self.logs, READY_SECONDS)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_SECONDS)
+        stop_process(self.process, STOP_SECONDS)
         self._log.close()
 
 
