@@ -68,6 +68,7 @@ class Tab:
         await self.page.get_by_label("Admin token").fill(token)
         await self.page.get_by_role("button", name="Sign in").click()
         await self.page.get_by_role("heading", name="Service users", level=1).wait_for(timeout=WAIT)
+        await self.page.locator(".list > *").first.wait_for(timeout=WAIT)  # the first page is in
 
     async def storage(self) -> dict[str, dict[str, str]]:
         """Everything in the tab's sessionStorage and localStorage."""
@@ -510,3 +511,53 @@ async def test_readable_on_a_laptop_and_a_phone(
     assert focused == ["Edit", "solid"]
     await screenshot(phone.page, tmp_path, "console-user-mobile.png")
     assert laptop.console == [] and phone.console == []
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_filters_edit_and_errors_from_the_api(
+    admin: Admin, open_tab: Callable[..., Awaitable[Tab]]
+) -> None:
+    directory = admin.gateway.directory
+    await directory.create_user("app-one", actor="test", roles=["reader"])
+    await directory.create_user("app-two", actor="test", roles=["writer"])
+    await directory.create_user("batch", actor="test", roles=["reader"])
+    tab = await open_tab()
+    page = tab.page
+    await tab.sign_in(admin.token)
+    await page.get_by_role("link", name="batch").wait_for()
+    # Filter by prefix and role.
+    await page.get_by_label("Prefix").fill("app-")
+    await page.get_by_label("Role", exact=True).select_option("reader")
+    await page.get_by_role("button", name="Filter").click()
+    await page.get_by_role("link", name="batch").wait_for(state="detached")
+    assert await page.locator("tbody th").all_text_contents() == ["app-one"]
+    await page.get_by_label("Prefix").fill("zzz")
+    await page.get_by_role("button", name="Filter").click()
+    await page.get_by_text("No service user matches this filter.").wait_for()
+    # A refused create shows the API's detail and marks the field it names.
+    await page.get_by_role("button", name="New service user").click()
+    await page.get_by_label("Name").fill("app-one")
+    await page.get_by_role("button", name="Create").click()
+    conflict = await admin.call("POST", "/v1/service-users", json={"name": "app-one"})
+    await page.locator(".form-error").get_by_text(conflict.body["detail"], exact=True).wait_for()
+    await page.get_by_label("Name").fill("new-one")
+    await page.get_by_label("Origins").fill("not an origin")
+    await page.get_by_role("button", name="Create").click()
+    await page.locator("[aria-invalid=true]").wait_for()
+    assert await page.get_by_label("Origins").get_attribute("aria-invalid") == "true"
+    assert (await admin.call("GET", "/v1/service-users/new-one")).status == 404
+    # Edit: roles replaced whole, assigned by the admin.
+    await page.goto(tab.url + "#/users/app-two")
+    await page.get_by_role("button", name="Edit").click()
+    await page.get_by_label("Roles").select_option(["other", "reader"])
+    await page.get_by_role("button", name="Save").click()
+    await tab.status("Service user app-two saved.")
+    await row(page, "other").wait_for()
+    user = (await admin.call("GET", "/v1/service-users/app-two")).body
+    assert [(role["name"], role["assigned_by"]) for role in user["roles"]] == [
+        ("other", "root"),
+        ("reader", "root"),
+    ]
+    # Chromium itself logs each refused call (409, 422); the page logs nothing.
+    assert all(message.startswith("error: Failed to load resource") for message in tab.console), tab.console
+    assert tab.dialogs == []
