@@ -12,7 +12,9 @@ One middleware owns the outside of the listener: every /v1 request needs an admi
 identity's bearer token (401 realm "gateway-admin", 403 for a service user's token), and
 every error, unknown path (404) and wrong method (405) included, is the JSON refusal
 `{"error", "detail"}` with an `X-Request-Id` header. /healthz, /readyz, /metrics,
-/jwks.json and /openapi.json need no token.
+/jwks.json and /openapi.json need no token, nor do the console's static files under /console/
+(README "Console": the page sends the admin token it is given on every /v1 call), which carry
+CONTRACT.md's security headers, errors included.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Final, Protocol
 
 import aiohttp_cors
@@ -36,6 +39,7 @@ from gateway.errors import (
     AdminUnauthorized,
     Forbidden,
     GatewayError,
+    NotFound,
     PayloadTooLarge,
     Refusal,
     Unauthenticated,
@@ -97,6 +101,30 @@ _HTTP_DETAILS: Final = {
 }
 
 
+CONSOLE_PREFIX: Final = "/console"
+# The console's files (gateway/console/, shipped as package data) and their types: no other name
+# is served, so nothing else in the package can be read through /console/.
+CONSOLE_FILES: Final = {
+    "index.html": "text/html; charset=utf-8",
+    "console.js": "text/javascript; charset=utf-8",
+    "console.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+CONSOLE_HEADERS: Final = {
+    # No inline script or style anywhere in the console, so no 'unsafe-inline'.
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",  # for browsers older than frame-ancestors
+}
+
+
+def _is_console(path: str) -> bool:
+    return path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
+
+
 def _needs_admin(request: web.Request) -> bool:
     if request.path != "/v1" and not request.path.startswith("/v1/"):
         return False
@@ -151,6 +179,8 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = refusal(GatewayError(f"internal error (request id {request_id})"), request_id)
     if not response.prepared:
         response.headers.setdefault("X-Request-Id", request_id)
+        if _is_console(request.path):
+            response.headers.update(CONSOLE_HEADERS)
         if request.app[CORS_ENABLED] and hdrs.ORIGIN in request.headers:
             response.headers.add(hdrs.VARY, hdrs.ORIGIN)
     return response
@@ -204,6 +234,37 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=json.dumps(openapi_document(roles)).encode(), content_type="application/json")
 
 
+def _console_files() -> dict[str, bytes]:
+    """The console's files, read once from the installed package."""
+    folder = resources.files("gateway") / "console"
+    return {name: (folder / name).read_bytes() for name in CONSOLE_FILES}
+
+
+def _console_handlers() -> tuple[Handler, Handler, Handler]:
+    """GET /console (redirect), /console/ (the page) and /console/{file} (only CONSOLE_FILES)."""
+    files = _console_files()
+
+    def answer(name: str) -> web.Response:
+        # no-cache: a browser revalidates, so a new gateway version never runs an old script.
+        return web.Response(
+            body=files[name], headers={"Content-Type": CONSOLE_FILES[name], "Cache-Control": "no-cache"}
+        )
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={hdrs.LOCATION: CONSOLE_PREFIX + "/"})
+
+    async def index(request: web.Request) -> web.Response:
+        return answer("index.html")
+
+    async def asset(request: web.Request) -> web.Response:
+        name = request.match_info["file"]
+        if name not in files:
+            raise NotFound("no such console file")
+        return answer(name)
+
+    return redirect, index, asset
+
+
 async def _close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
     # A request read before the shutdown signal is answered after it: it must say close too.
     if request.app[CONTEXT].lifecycle.draining:
@@ -221,6 +282,10 @@ def build_admin_app(context: AdminContext) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    redirect, index, asset = _console_handlers()
+    app.router.add_get(CONSOLE_PREFIX, redirect)
+    app.router.add_get(CONSOLE_PREFIX + "/", index)
+    app.router.add_get(CONSOLE_PREFIX + "/{file}", asset)
     api_routes = [
         app.router.add_route(method, path, handler) for method, path, handler in AdminApi(context).routes()
     ]

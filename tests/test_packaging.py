@@ -100,3 +100,29 @@ def test_the_build_context_holds_what_the_dockerfile_copies_and_no_secret() -> N
     lines = (REPO / "Dockerfile").read_text().splitlines()
     copied = {source for line in lines if line.startswith("COPY") for source in line.split()[1:-1]}
     assert copied == {"pyproject.toml", "README.md", "gateway", "gateway.yaml", "policies"}
+
+
+def test_the_wheel_ships_the_console(tmp_path: Path) -> None:
+    """`pip install .` installs the console's files (package data), which /console/ serves.
+
+    The wheel is built as `pip install .` builds it (in build isolation: the setuptools that
+    pyproject.toml asks for), from a copy of what the Dockerfile copies.
+    """
+    import zipfile
+
+    from gateway.admin import CONSOLE_FILES
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "gateway", source / "gateway", ignore=shutil.ignore_patterns("__pycache__"))
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", "dist", "."]
+    done = subprocess.run(argv, cwd=source, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [wheel] = (source / "dist").glob("service_user_gateway-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"gateway/console/{name}" for name in CONSOLE_FILES} <= shipped
+    assert (REPO / "gateway" / "console").is_dir()
+    on_disk = {path.name for path in (REPO / "gateway" / "console").iterdir()}
+    assert on_disk == set(CONSOLE_FILES)  # a new file must be listed to be served
