@@ -287,3 +287,29 @@ def test_json_everywhere_locally(tmp_path: Path) -> None:
     assert json_of("token", "delete", "t", "--user", "svc") == {"deleted": True, "user": "svc", "name": "t"}
     assert json_of("user", "update", "svc", "--disable")["disabled"] is True
     assert json_of("user", "delete", "svc") == {"deleted": True, "name": "svc"}
+
+
+async def test_an_https_admin_url_is_verified_and_admin_ca_file_trusts_a_private_ca(
+    tmp_path: Path, upstream: TestServer
+) -> None:
+    from tests.security.test_listener_tls import gateway_config, install, issue, tls_block, wait_ready_https
+
+    served = tmp_path / "served"
+    served.mkdir()
+    config = gateway_config(served, upstream, admin=tls_block())
+    install(served, issue())
+    token = await asyncio.to_thread(admin_token, config)
+    process = GatewayProcess(config)
+    try:
+        await wait_ready_https(process)
+        env = {"GATEWAY_ADMIN_URL": f"https://127.0.0.1:{process.admin_port}", "GATEWAY_ADMIN_TOKEN": token}
+        untrusted = await asyncio.to_thread(run, "user", "list", cwd=tmp_path, env=env)
+        assert untrusted.returncode == 1 and "not trusted" in untrusted.stderr, untrusted.stderr
+        assert token not in untrusted.stderr
+        ca_file = str(served / "tls" / "ca.pem")
+        trusted = await asyncio.to_thread(
+            run, "user", "list", "--admin-ca-file", ca_file, cwd=tmp_path, env=env
+        )
+        assert trusted.returncode == 0 and "root" in trusted.stdout, trusted.stderr
+    finally:
+        process.stop()
