@@ -347,7 +347,7 @@ class AdminApi:
             ("GET", "/v1/api-keys/{key}", self.get_key, ()),
             ("GET", "/v1/roles", self.list_roles, paged),
             ("GET", "/v1/routes", self.list_routes, paged),
-            ("GET", "/v1/audit-events", self.list_audit, ("actor", "since", *paged)),
+            ("GET", "/v1/audit-events", self.list_audit, ("actor", "since", "user", *paged)),
             ("POST", "/v1/authz/explain", self.explain, ()),
         ]
         return [(method, path, only_params(known, handler)) for method, path, handler, known in endpoints]
@@ -543,14 +543,14 @@ class AdminApi:
         return page_answer(routes[: limit + 1], limit, lambda route: (route.name,), route_json)
 
     async def list_audit(self, request: web.Request) -> web.Response:
-        """GET /v1/audit-events?actor=&since=&limit=&after= (newest first)."""
+        """GET /v1/audit-events?actor=&since=&user=&limit=&after= (newest first)."""
         actor = query(request, "actor")
         since_text = query(request, "since")
         since = None if since_text is None else parse_time_field(since_text, "since")
         limit, after = page_of(request, (int,))
         before = None if after is None else int(after[0])
         events = await self._directory.list_audit(
-            actor=actor, since=since, limit=limit, before=before, peek=True
+            actor=actor, since=since, limit=limit, before=before, peek=True, user=query(request, "user")
         )
         return page_answer(events, limit, lambda event: (event.id,), lambda event: event.to_json())
 

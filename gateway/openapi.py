@@ -595,6 +595,7 @@ def _other_paths() -> dict[str, JSONObject]:
                 parameters=[
                     _parameter("actor", "query", text, "only changes by this actor"),
                     _parameter("since", "query", text, "ISO 8601 date or date-time; events at or after it"),
+                    _parameter("user", "query", text, "only events about this user, its tokens and keys"),
                     *_PAGE,
                 ],
             ),

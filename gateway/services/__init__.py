@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from gateway.errors import Invalid
 from gateway.models import AuditEvent
@@ -68,15 +68,25 @@ class Directory(UserOperations, TokenOperations, KeyOperations):
         limit: int = 100,
         before: int | None = None,
         peek: bool = False,
+        user: str | None = None,
     ) -> list[AuditView]:
         """Audit events, newest first, optionally by `actor`, at or after `since`, and older
         than event `before` (the cursor of the page before); `peek` adds one more, which says
-        whether another page follows."""
+        whether another page follows. `user`: only events about that user, its tokens and keys."""
         if not 1 <= limit <= MAX_AUDIT_LIMIT:
             raise Invalid("limit", f"limit must be between 1 and {MAX_AUDIT_LIMIT}")
         query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1 if peek else limit)
         if before is not None:
             query = query.where(AuditEvent.id < before)
+        if user is not None:
+            # Names hold no "/", so these prefixes are the user's own targets and nobody else's.
+            query = query.where(
+                or_(
+                    AuditEvent.target == f"user/{user}",
+                    AuditEvent.target.startswith(f"token/{user}/", autoescape=True),
+                    AuditEvent.target.startswith(f"key/{user}/", autoescape=True),
+                )
+            )
         if actor is not None:
             query = query.where(AuditEvent.actor == actor)
         if since is not None:

@@ -240,3 +240,18 @@ async def test_openapi_describes_every_endpoint_of_the_listener(admin: Admin) ->
                 assert {"413", "422"} <= statuses, (method, path)
     roles = document["components"]["schemas"]["NewUser"]["properties"]["roles"]["anyOf"][0]["items"]
     assert roles["enum"] == ["other", "reader", "service-user-project-admin", "writer"]
+
+
+async def test_audit_events_about_one_user_its_tokens_and_keys(admin: Admin) -> None:
+    for name in ("svc", "svc2", "svc_x"):
+        created = await admin.call("POST", "/v1/service-users", json={"name": name, "roles": ["reader"]})
+        assert created.status == 201, created.text
+    assert (await admin.call("POST", "/v1/service-users/svc/tokens", json={"name": "t"})).status == 201
+    assert (await admin.call("POST", "/v1/service-users/svc/keys", json={})).status == 201
+    assert (await admin.call("POST", "/v1/service-users/svc2/tokens", json={"name": "t"})).status == 201
+    about = await admin.call("GET", "/v1/audit-events?user=svc")
+    assert about.status == 200, about.text
+    targets = [event["target"] for event in about.body["items"]]
+    assert targets[0].startswith("key/svc/") and targets[1:] == ["token/svc/t", "user/svc"]
+    # "svc" is not a prefix match: svc2's and svc_x's events stay out (and `_` is no wildcard).
+    assert [e["target"] for e in (await admin.call("GET", "/v1/audit-events?user=svc_")).body["items"]] == []
