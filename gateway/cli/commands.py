@@ -670,12 +670,17 @@ def audit() -> None:
 @audit.command("list")
 @click.option("--actor", "who", metavar="NAME", help="only events by this actor (e.g. cli:alice)")
 @click.option("--since", type=TimeType(), help="only events at or after this time")
+@click.option("--user", "about", metavar="NAME", help="only events about this user, its tokens and keys")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
 @FORMAT
 @pass_session
-def audit_list(session: Session, who: str | None, since: datetime | None, limit: int, output: str) -> None:
+def audit_list(
+    session: Session, who: str | None, since: datetime | None, about: str | None, limit: int, output: str
+) -> None:
     """List audit events, newest first."""
-    events: list[AuditView] = session.run(lambda d: d.list_audit(actor=who, since=since, limit=limit))
+    events: list[AuditView] = session.run(
+        lambda d: d.list_audit(actor=who, since=since, limit=limit, user=about)
+    )
     if output == "json":
         emit_json({"items": [e.to_json() for e in events]})
     else:

@@ -365,11 +365,16 @@ class RemoteDirectory:
     # -- audit and explain --------------------------------------------------------------
 
     async def list_audit(
-        self, *, actor: str | None = None, since: datetime | None = None, limit: int = 100
+        self,
+        *,
+        actor: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        user: str | None = None,
     ) -> list[AuditView]:
         """GET /v1/audit-events: the newest `limit` events (paged)."""
         moment = None if since is None else format_time(since)
-        found = await self._all("/v1/audit-events" + _query(actor=actor, since=moment), limit)
+        found = await self._all("/v1/audit-events" + _query(actor=actor, since=moment, user=user), limit)
         return [audit_from_json(item) for item in found]
 
     async def explain(

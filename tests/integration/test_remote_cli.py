@@ -26,7 +26,8 @@ from tests.conftest import write_config
 from tests.process import REPO, GatewayProcess
 
 VOLATILE = re.compile(
-    r'"(id|created_at|assigned_at|at|expires_at|last_used_at|token|secret|token_id|kid|signs_from)": "[^"]*"'
+    r'"(id|created_at|assigned_at|at|expires_at|last_used_at|token|secret|token_id|kid|signs_from)": '
+    r'("[^"]*"|[0-9]+)'  # an audit event's id is a number
 )
 
 
@@ -95,6 +96,7 @@ LIFECYCLE: list[list[str]] = [
     ["token", "reset", "ci", "--user", "backend"],
     ["token", "expire", "ci", "--user", "backend"],
     ["token", "delete", "fixed", "--user", "backend"],
+    ["audit", "list", "--user", "backend", "--limit", "5"],
     ["key", "create", "--user", "backend", "--description", "exchange"],
     ["key", "list", "--user", "backend"],
     ["user", "update", "backend", "--disable"],
@@ -287,6 +289,10 @@ def test_json_everywhere_locally(tmp_path: Path) -> None:
     assert json_of("token", "delete", "t", "--user", "svc") == {"deleted": True, "user": "svc", "name": "t"}
     assert json_of("user", "update", "svc", "--disable")["disabled"] is True
     assert json_of("user", "delete", "svc") == {"deleted": True, "name": "svc"}
+    about = json_of("audit", "list", "--user", "svc")["items"]
+    assert about and all(
+        e["target"] == "user/svc" or e["target"].startswith(("token/svc/", "key/svc/")) for e in about
+    )
 
 
 async def test_an_https_admin_url_is_verified_and_admin_ca_file_trusts_a_private_ca(
