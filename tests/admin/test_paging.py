@@ -148,7 +148,7 @@ async def test_unknown_query_parameters_are_refused_on_every_endpoint(admin: Adm
         ("GET", "/v1/service-users?page=2", None),
         ("GET", "/v1/service-users/svc?x=1", None),
         ("GET", "/v1/service-users/svc/tokens?offset=5", None),
-        ("GET", "/v1/audit-events?user=svc", None),
+        ("GET", "/v1/audit-events?target=svc", None),
         ("GET", "/v1/roles?name=reader", None),
         ("POST", "/v1/service-users?dry_run=true", {"name": "new", "roles": ["reader"]}),
         ("DELETE", "/v1/service-users/svc?force=1", None),
