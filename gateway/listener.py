@@ -146,8 +146,15 @@ class GuardedConnection(RequestHandler):
 
         A connection accepted but not yet read is a head under way: its request may already wait
         in the socket, and closing would reset it after a proxy in front sent it (a POST that
-        proxy may not retry). It gets its answer, with `Connection: close`, or the head timer's."""
-        if not self._request_in_progress and not self._messages and self._head_started is None:
+        proxy may not retry). It gets its answer, with `Connection: close`, or the head timer's.
+
+        Idle is aiohttp's own test (its keep-alive timer's): the handler loop is parked waiting
+        for a message. A head that has just been parsed is out of `_messages` one loop turn
+        before its request counts as in progress (Python < 3.12 starts the handler task lazily);
+        that connection is not parked, so it is not closed in that window."""
+        waiter = self._waiter
+        parked = waiter is not None and not waiter.done()
+        if parked and not self._messages and self._head_started is None:
             self.force_close()
 
     def _start_head(self) -> None:
