@@ -728,6 +728,12 @@ async function userView(name) {
             "div",
             { class: "row-actions" },
             tokenAction(token, "Reset", async () => {
+              const sure = await confirmAction(
+                `Reset token ${token.name}?`,
+                "It gets a new secret; the current one stops working at once.",
+                "Reset",
+              );
+              if (!sure) return;
               const reset = await api("POST", `${tokenPath(token)}/reset`);
               await loadTokens();
               statusText(`Token ${token.name} has a new secret; the old one no longer works.`);
@@ -740,6 +746,12 @@ async function userView(name) {
               tokensHeading.focus();
             }),
             tokenAction(token, "Delete", async () => {
+              const sure = await confirmAction(
+                `Delete token ${token.name}?`,
+                "It stops working at once. This cannot be undone.",
+                "Delete",
+              );
+              if (!sure) return;
               await api("DELETE", tokenPath(token));
               await loadTokens();
               statusText(`Token ${token.name} deleted.`);
@@ -806,6 +818,12 @@ async function userView(name) {
               keysHeading.focus();
             }),
             tokenAction(key, "Delete", async () => {
+              const sure = await confirmAction(
+                `Delete API key ${key.id}?`,
+                "It can no longer be exchanged, and the tokens minted from it stop working at once. This cannot be undone.",
+                "Delete",
+              );
+              if (!sure) return;
               await api("DELETE", keyPath(key));
               await loadKeys();
               statusText(`API key ${key.id} deleted.`);

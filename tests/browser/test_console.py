@@ -8,6 +8,7 @@ only through the accessible names CONTRACT.md lists. Screenshots go to GATEWAY_T
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -247,8 +249,15 @@ async def test_service_user_life_through_the_console(
     await close_secret(page, first, keyboard=True)
     assert await proxy_status(admin, first) == 200
 
-    # Reset: a new secret in the dialog; the old one is dead at once.
+    # Reset, once confirmed: a new secret in the dialog; the old one is dead at once.
     await row(page, "ci").get_by_role("button", name="Reset").click()
+    confirm = page.get_by_role("dialog")
+    assert "Reset token ci?" in await confirm.inner_text()
+    await confirm.get_by_role("button", name="Cancel").click()
+    await confirm.wait_for(state="detached")
+    assert await proxy_status(admin, first) == 200
+    await row(page, "ci").get_by_role("button", name="Reset").click()
+    await page.get_by_role("dialog").get_by_role("button", name="Reset").click()
     second = await read_secret(page, "gw_")
     assert second != first
     await close_secret(page, second)
@@ -260,6 +269,15 @@ async def test_service_user_life_through_the_console(
     await tab.status("Token ci expired.")
     assert "expired" in await row(page, "ci").inner_text()
     assert await proxy_status(admin, second) == 401
+
+    # Delete a token, once confirmed.
+    await row(page, "ci").get_by_role("button", name="Delete").click()
+    confirm = page.get_by_role("dialog")
+    assert "Delete token ci?" in await confirm.inner_text()
+    await confirm.get_by_role("button", name="Delete").click()
+    await tab.status("Token ci deleted.")
+    tokens = (await admin.call("GET", "/v1/service-users/billing/tokens")).body["items"]
+    assert [token["name"] for token in tokens] == []
 
     # Disable: its other token stops passing; Enable is offered.
     await page.get_by_role("button", name="New token").click()
@@ -355,6 +373,9 @@ async def test_keys_and_copy_that_falls_back_to_selecting(
     await (
         page.get_by_role("row").filter(has_text=key_id.group(0)).get_by_role("button", name="Delete").click()
     )
+    confirm = page.get_by_role("dialog")
+    assert f"Delete API key {key_id.group(0)}?" in await confirm.inner_text()
+    await confirm.get_by_role("button", name="Delete").click()
     await page.get_by_text("No API keys yet.").wait_for()
     assert (await admin.call("GET", f"/v1/api-keys/{key_id.group(0)}")).status == 404
     # The user's recent activity lists the key's events, by the admin.
@@ -561,3 +582,65 @@ async def test_filters_edit_and_errors_from_the_api(
     # Chromium itself logs each refused call (409, 422); the page logs nothing.
     assert all(message.startswith("error: Failed to load resource") for message in tab.console), tab.console
     assert tab.dialogs == []
+
+
+async def test_the_console_works_on_a_tls_admin_listener_that_lists_other_cors_origins(
+    tmp_path: Path, upstream: TestServer, browser: Any
+) -> None:
+    # A real `gateway serve` whose admin listener speaks TLS and has aiohttp-cors set up for
+    # another origin: the console's own (same-origin) calls must pass untouched by either.
+    from tests.integration.test_remote_cli import admin_token
+    from tests.process import GatewayProcess
+    from tests.security.test_listener_tls import (
+        client_context,
+        gateway_config,
+        https,
+        install,
+        issue,
+        tls_block,
+        wait_ready_https,
+    )
+
+    served = tmp_path / "served"
+    served.mkdir()
+    config = gateway_config(served, upstream, admin=tls_block())
+    config.write_text(config.read_text() + 'admin:\n  cors_origins: ["https://ops.example"]\n')
+    install(served, issue())
+    token = await asyncio.to_thread(admin_token, config)
+    process = GatewayProcess(config)
+    try:
+        await wait_ready_https(process)
+        context = await browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+        page = await context.new_page()
+        page.set_default_timeout(WAIT)
+        messages: list[str] = []
+        page.on("console", lambda message: messages.append(f"{message.type}: {message.text}"))
+        page.on("pageerror", lambda error: messages.append(f"pageerror: {error}"))
+        tab = Tab(page, https(process.admin_port, "/console/"))
+        answer = await page.goto(tab.url)
+        assert answer is not None and answer.headers["content-security-policy"] == CSP
+        await tab.sign_in(token)
+        await page.get_by_role("button", name="New service user").click()
+        await page.get_by_label("Name").fill("edge")
+        await page.get_by_label("Origins").fill("https://app.example")
+        await page.get_by_role("button", name="Create").click()
+        await page.get_by_role("heading", name="edge", level=1).wait_for()
+        await page.get_by_role("button", name="New token").click()
+        await page.get_by_label("Name").fill("ci")
+        await page.get_by_role("button", name="Create").click()
+        secret = await read_secret(page, "gw_")
+        await close_secret(page, secret)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                https(process.admin_port, "/v1/service-users/edge/tokens"),
+                headers={"Authorization": f"Bearer {token}"},
+                ssl=client_context(),
+            ) as listed,
+        ):
+            assert listed.status == 200
+            assert [item["name"] for item in (await listed.json())["items"]] == ["ci"]
+        assert messages == []
+        await context.close()
+    finally:
+        process.stop()
