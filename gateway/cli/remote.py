@@ -297,13 +297,7 @@ class RemoteDirectory:
         roles: Sequence[str] | None = None,
     ) -> tuple[TokenView, str]:
         """POST /v1/service-users/{user}/tokens: the token and its secret."""
-        body: dict[str, Any] = {"name": name}
-        if description is not None:
-            body["description"] = description
-        if expires_at is not None:
-            body["expires_at"] = format_time(expires_at)
-        if roles is not None:
-            body["roles"] = list(roles)
+        body = {"name": name, **_credential_body(description, expires_at, roles)}
         answer = await self.call("POST", _user(user) + "/tokens", body)
         return token_from_json(answer), str(answer["token"])
 
@@ -336,13 +330,7 @@ class RemoteDirectory:
         roles: Sequence[str] | None = None,
     ) -> tuple[KeyView, str]:
         """POST /v1/service-users/{user}/keys: the key and its secret."""
-        body: dict[str, Any] = {}
-        if description is not None:
-            body["description"] = description
-        if expires_at is not None:
-            body["expires_at"] = format_time(expires_at)
-        if roles is not None:
-            body["roles"] = list(roles)
+        body = _credential_body(description, expires_at, roles)
         answer = await self.call("POST", _user(user) + "/keys", body)
         return key_from_json(answer), str(answer["secret"])
 
@@ -407,3 +395,17 @@ def _token(user: str, name: str) -> str:
 
 def _key(user: str, key_id: str) -> str:
     return f"{_user(user)}/keys/{quote(key_id, safe='')}"
+
+
+def _credential_body(
+    description: str | None, expires_at: datetime | None, roles: Sequence[str] | None
+) -> dict[str, Any]:
+    """The optional fields a new token or key is created with (those given)."""
+    body: dict[str, Any] = {}
+    if description is not None:
+        body["description"] = description
+    if expires_at is not None:
+        body["expires_at"] = format_time(expires_at)
+    if roles is not None:
+        body["roles"] = list(roles)
+    return body

@@ -670,29 +670,42 @@ async function userView(name) {
     };
     return { form, body, fields: { name: tokenName, description, expires_at: expires, roles: select } };
   };
-  const tokenArea = formToggle(newToken, (close) => {
-    const { form, body, fields } = credentialFields(close, "New token", true);
-    form.addEventListener("submit", (event) => {
-      event.preventDefault();
-      busy(form, async () => {
-        try {
-          const created = await api("POST", `${userPath(name)}/tokens`, body());
-          close();
-          await loadTokens();
-          statusText(`Token ${created.name} created.`);
-          showSecret(
-            `Token ${created.name} created`,
-            [["User", name], ["Expires at", when(created.expires_at)]],
-            "Token",
-            created.token,
-            newToken,
-          );
-        } catch (error) {
-          formError(form, error, fields);
-        }
+  // The form behind "New token" / "New key": create, reload the table, show the secret once.
+  const credentialArea = (button, title, withName, path, reload, announce) =>
+    formToggle(button, (close) => {
+      const { form, body, fields } = credentialFields(close, title, withName);
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        busy(form, async () => {
+          try {
+            const created = await api("POST", path, body());
+            close();
+            await reload();
+            announce(created);
+          } catch (error) {
+            formError(form, error, fields);
+          }
+        });
       });
+      return form;
     });
-    return form;
+  // The columns tokens and keys share, between the first and "Actions".
+  const credentialCells = (item) => [
+    item.description || "",
+    item.roles === null ? "the user's roles" : item.roles.join(", ") || "none",
+    item.expired ? `expired (${when(item.expires_at)})` : when(item.expires_at),
+    item.last_used_at ? when(item.last_used_at) : "not yet",
+    `${when(item.created_at)} by ${item.created_by}`,
+  ];
+  const tokenArea = credentialArea(newToken, "New token", true, `${userPath(name)}/tokens`, loadTokens, (created) => {
+    statusText(`Token ${created.name} created.`);
+    showSecret(
+      `Token ${created.name} created`,
+      [["User", name], ["Expires at", when(created.expires_at)]],
+      "Token",
+      created.token,
+      newToken,
+    );
   });
   const tokenAction = (token, label, run) =>
     h("button", {
@@ -719,11 +732,7 @@ async function userView(name) {
         ["Name", "Description", "Roles", "Expires at", "Last used", "Created", "Actions"],
         tokens.map((token) => [
           token.name,
-          token.description || "",
-          token.roles === null ? "the user's roles" : token.roles.join(", ") || "none",
-          token.expired ? `expired (${when(token.expires_at)})` : when(token.expires_at),
-          token.last_used_at ? when(token.last_used_at) : "not yet",
-          `${when(token.created_at)} by ${token.created_by}`,
+          ...credentialCells(token),
           h(
             "div",
             { class: "row-actions" },
@@ -769,29 +778,15 @@ async function userView(name) {
   const keysHeading = h("h2", { tabindex: "-1" }, "API keys");
   const newKey = h("button", { type: "button", class: "primary" }, "New key");
   const keyList = h("div", { class: "list" });
-  const keyArea = formToggle(newKey, (close) => {
-    const { form, body, fields } = credentialFields(close, "New key", false);
-    form.addEventListener("submit", (event) => {
-      event.preventDefault();
-      busy(form, async () => {
-        try {
-          const created = await api("POST", `${userPath(name)}/keys`, body());
-          close();
-          await loadKeys();
-          statusText(`API key ${created.id} created.`);
-          showSecret(
-            "API key created",
-            [["Key ID (client_id)", created.id], ["User", name], ["Expires at", when(created.expires_at)]],
-            "Key secret",
-            created.secret,
-            newKey,
-          );
-        } catch (error) {
-          formError(form, error, fields);
-        }
-      });
-    });
-    return form;
+  const keyArea = credentialArea(newKey, "New key", false, `${userPath(name)}/keys`, loadKeys, (created) => {
+    statusText(`API key ${created.id} created.`);
+    showSecret(
+      "API key created",
+      [["Key ID (client_id)", created.id], ["User", name], ["Expires at", when(created.expires_at)]],
+      "Key secret",
+      created.secret,
+      newKey,
+    );
   });
   const keyPath = (key) => `${userPath(name)}/keys/${encodeURIComponent(key.id)}`;
   async function loadKeys() {
@@ -803,11 +798,7 @@ async function userView(name) {
         ["Key ID", "Description", "Roles", "Expires at", "Last used", "Created", "Actions"],
         keys.map((key) => [
           h("code", {}, key.id),
-          key.description || "",
-          key.roles === null ? "the user's roles" : key.roles.join(", ") || "none",
-          key.expired ? `expired (${when(key.expires_at)})` : when(key.expires_at),
-          key.last_used_at ? when(key.last_used_at) : "not yet",
-          `${when(key.created_at)} by ${key.created_by}`,
+          ...credentialCells(key),
           h(
             "div",
             { class: "row-actions" },
