@@ -92,9 +92,35 @@ def fold(name: str) -> str:
 _FOLDED: dict[str, str] = {}
 
 
+class _RandomIds:
+    """128-bit ids from the OS's CSPRNG, read 256 at a time: one getrandom() per request was
+    one syscall in eight on the proxy path. A forked child starts on fresh bytes."""
+
+    __slots__ = ("_pool", "_at")
+    _BATCH = 16 * 256
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = self._BATCH
+
+    def next(self) -> str:
+        at = self._at
+        if at >= self._BATCH:
+            self._pool, at = os.urandom(self._BATCH), 0
+        self._at = at + 16
+        return self._pool[at : at + 16].hex()
+
+    def forget(self) -> None:
+        self._pool, self._at = b"", self._BATCH
+
+
+_IDS = _RandomIds()
+os.register_at_fork(after_in_child=_IDS.forget)
+
+
 def new_request_id() -> str:
     """A fresh request id (128 random bits, hex)."""
-    return os.urandom(16).hex()
+    return _IDS.next()
 
 
 def request_id_from(headers: CIMultiDictProxy[str]) -> str:

@@ -162,19 +162,23 @@ class Forwarder:
                     # (Authorization, Cookie) could serve one user's answer to another.
                     value = merge_vary(headers.popall("Vary"), value)
                 headers[name] = value
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = _RelayedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         if self._lifecycle.draining:
             # Also for a request read before the shutdown signal (README "Shutdown and drain").
             response.force_close()
         transport = request.transport
         try:
-            await response.prepare(request)
+            writer = await response.prepare(request)
+            assert writer is not None  # a fresh response
             if request.method != "HEAD":
                 content = upstream.content
-                # The first read takes what is there (usually the whole answer); later ones at
-                # most _RELAY_CHUNK: readany() hands over everything buffered, and a client that
-                # reads nothing would hold all of it while the parser reads on.
-                chunk = await content.readany()
+                # The first read takes what is there (usually the whole answer, which then
+                # leaves in one write with the head); later ones at most _RELAY_CHUNK: a client
+                # that reads nothing would hold all of it while the parser reads on.
+                chunk = content.read_nowait()
+                if not chunk and not content.at_eof():
+                    writer.send_headers()  # a slow answer's head is not held back for its body
+                    chunk = await content.readany()
                 while chunk:
                     # Below the write-buffer mark a write cannot wait: no timer for small answers.
                     size = len(chunk)
@@ -208,6 +212,13 @@ class Forwarder:
             upstream.close()
             _abort(request)
         return response
+
+
+class _RelayedResponse(web.StreamResponse):
+    """A relayed answer whose head waits for its first body bytes (or its end), so that a
+    small answer costs one write: aiohttp's own Response does the same."""
+
+    _send_headers_immediately = False
 
 
 class _ClientStalled(Exception):
