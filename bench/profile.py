@@ -155,7 +155,7 @@ def read_samples(raw: Path) -> collections.Counter[str]:
             continue  # aiosqlite's worker: py-spy counts its blocking queue read as busy
         leaf = frames[-1]
         # The event loop's own C code shows as the sample sitting in Runner.run itself.
-        if leaf.startswith("Runner.run (asyncio/runners.py") or leaf.startswith("run_until_complete"):
+        if leaf.startswith(("Runner.run (asyncio/runners.py", "run_until_complete")):
             counts[LOOP] += int(number)
         else:
             counts[stage_of(frames)] += int(number)
@@ -177,14 +177,29 @@ class Profiler:
         wait_until_quiet(0.25, 20)
         run_wrk(url, connections=CONNECTIONS, duration=2, token=token, cpus=LOAD_CPUS)  # warm-up
         plain = run_wrk(
-            url, connections=CONNECTIONS, duration=self.seconds, token=token, cpus=LOAD_CPUS, server_pid=server.pid
+            url,
+            connections=CONNECTIONS,
+            duration=self.seconds,
+            token=token,
+            cpus=LOAD_CPUS,
+            server_pid=server.pid,
         )
         if plain.error_count or plain.cpu_us_per_req is None:
             raise RuntimeError(f"{variant.key}: wrk errors {plain.errors}")
         variant.cpu_us, variant.rps = plain.cpu_us_per_req, plain.rps
         raw = self.work / f"{variant.key}.raw.txt"
         spy = subprocess.Popen(
-            ["taskset", "-c", LOAD_CPUS, self.py_spy, "record", "--pid", str(server.pid), "--rate", str(self.rate)]
+            [
+                "taskset",
+                "-c",
+                LOAD_CPUS,
+                self.py_spy,
+                "record",
+                "--pid",
+                str(server.pid),
+                "--rate",
+                str(self.rate),
+            ]
             + ["--duration", f"{self.seconds:g}", "--format", "raw", "--output", str(raw)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -197,7 +212,8 @@ class Profiler:
         counts = read_samples(raw)
         variant.samples = sum(counts.values())
         variant.stages = dict(counts)
-        log(f"{variant.key}: {variant.rps:,.0f} req/s, {variant.cpu_us:.0f} µs CPU/req, {variant.samples} samples")
+        summary = f"{variant.rps:,.0f} req/s, {variant.cpu_us:.0f} µs CPU/req, {variant.samples} samples"
+        log(f"{variant.key}: {summary}")
 
     def run(self, keys: list[str]) -> list[Variant]:
         upstream_port = free_port()
@@ -221,7 +237,9 @@ class Profiler:
                 setup = self._variant_setup(key, store, upstream, secret_file)
                 setup.token = token
                 server = start_gateway(self.procs, setup, SUT_CPUS, f"gw-{key}")
-                variant = Variant(key, {"assertion": "assertion (k)", "ratelimit": "rate limits, memory (l)"}[key])
+                variant = Variant(
+                    key, {"assertion": "assertion (k)", "ratelimit": "rate limits, memory (l)"}[key]
+                )
                 try:
                     self.measure(variant, server, token)
                 finally:
@@ -232,7 +250,12 @@ class Profiler:
     def _variant_setup(self, key: str, store: str, upstream: str, secret_file: Path) -> GatewaySetup:
         if key == "assertion":
             return write_gateway_config(
-                self.work / "gw-assertion", store, upstream, upstream, assertion=True, secret_key_file=secret_file
+                self.work / "gw-assertion",
+                store,
+                upstream,
+                upstream,
+                assertion=True,
+                secret_key_file=secret_file,
             )
         if key == "ratelimit":
             return write_gateway_config(
@@ -269,8 +292,9 @@ def render(variants: list[Variant], label: str, seconds: float, rate: int) -> st
     lines.append("| samples | " + " | ".join(f"{v.samples:,}" for v in variants) + " |")
     lines.append("")
     lines.append(
-        f"`python -m bench.profile --seconds {seconds:g} --rate {rate}`: each column's CPU per request is "
-        f"a {seconds:g} s wrk run without the profiler; the shares come from the next {seconds:g} s under py-spy."
+        f"`python -m bench.profile --seconds {seconds:g} --rate {rate}`: each column's CPU per request "
+        f"is a {seconds:g} s wrk run without the profiler; the shares come from the next {seconds:g} s "
+        "under py-spy."
     )
     return "\n".join(lines)
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.profile import PROFILE_BEGIN, PROFILE_END
+
 if TYPE_CHECKING:
     from bench.load import WrkResult
     from bench.run import Results, ServerRun
@@ -427,6 +429,18 @@ def _history_notes(previous: Path) -> list[str]:
     return notes
 
 
+def _profile_section(previous: Path) -> str:
+    """The previous file's per-stage profile section (bench/profile.py writes it), markers included."""
+    try:
+        text = previous.read_text()
+    except OSError:
+        return ""
+    begin, end = PROFILE_BEGIN, PROFILE_END
+    if begin not in text or end not in text:
+        return ""
+    return begin + text.partition(begin)[2].partition(end)[0] + end
+
+
 def render(results: Results, previous: Path) -> str:
     options = results.options
     facts = results.facts
@@ -707,6 +721,9 @@ def render(results: Results, previous: Path) -> str:
         add("</details>")
         add("")
     row = headline(results)
+    kept = _profile_section(previous)
+    if kept:
+        out.extend([kept, ""])
     add("## History")
     add("")
     add("Headline numbers of earlier runs (newest first; (c) is the gateway on SQLite unless marked PG).")

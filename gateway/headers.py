@@ -213,7 +213,9 @@ class HeaderPolicy:
         if "Connection" in inbound:
             # A client may name headers in Connection (every line of it counts, RFC 9110
             # section 7.6.1); never let that reach our own.
-            drop = drop | connection_named(inbound)
+            named = connection_named(inbound)
+            if not named <= drop:
+                drop = drop | named
         protocols = None
         if "Sec-WebSocket-Protocol" in inbound:
             # A bearer.<credential> entry is a credential: never forwarded, on any route.
@@ -271,7 +273,9 @@ def response_headers(
     """Headers for the client from the upstream's response (hop-by-hop and `Server` removed)."""
     drop = _RESPONSE_DROP
     if "Connection" in upstream:
-        drop = drop | connection_named(upstream)
+        named = connection_named(upstream)
+        if not named <= drop:
+            drop = drop | named
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()
@@ -296,7 +300,23 @@ def _without_port(entry: str) -> str:
 def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """The header names listed in every `Connection` line of `headers`, folded."""
     lines = headers.getall("Connection", ())
+    if len(lines) == 1:
+        return _connection_line(lines[0])
     return frozenset(fold(part.strip()) for line in lines for part in line.split(",") if part.strip())
+
+
+def _connection_line(line: str) -> frozenset[str]:
+    # Nearly every answer (and many requests) says `Connection: keep-alive` or `close`: the
+    # names of a line are folded once, not on every message.
+    named = _CONNECTION_LINES.get(line)
+    if named is None:
+        named = frozenset(fold(part.strip()) for part in line.split(",") if part.strip())
+        if len(_CONNECTION_LINES) < 1024:  # the spellings seen are few; junk must not grow it
+            _CONNECTION_LINES[line] = named
+    return named
+
+
+_CONNECTION_LINES: dict[str, frozenset[str]] = {}
 
 
 def merge_vary(values: Iterable[str], *extra: str) -> str:

@@ -114,6 +114,13 @@ class Connection(ResponseHandler):
         self._head = None
         self._drop_timeout()
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp's stream calls this after every read that leaves its buffer low, paused or
+        # not; unpaused, it only fed the parser b"" (it resumes decompression, which we never
+        # ask for) and asked the transport to resume what was never paused.
+        if self._reading_paused or self._buffer_paused:
+            super().resume_reading(resume_parser)
+
     def data_received(self, data: bytes) -> None:
         if not self.in_flight and data:
             self.force_close()

@@ -2,7 +2,8 @@
 
 Behaviour is chosen by query parameters (the query is forwarded unchanged):
 `status=N`, `delay=S` (before headers), `bytes=N` (stream N bytes back), `stall=S`
-(send headers and one chunk, then stall), `cors=1` (send its own CORS headers),
+(send headers and one chunk, then stall), `hold=S` (send headers alone, then the body
+`late` after S seconds), `cors=1` (send its own CORS headers),
 `cookie=1` (Set-Cookie).
 """
 
@@ -32,6 +33,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
             piece = CHUNK[: min(len(CHUNK), total - sent)]
             await response.write(piece)
             sent += len(piece)
+        await response.write_eof()
+        return response
+    if "hold" in query:
+        response = web.StreamResponse()
+        response.content_length = 4
+        await response.prepare(request)  # the head leaves now, alone
+        await asyncio.sleep(float(query["hold"]))
+        await response.write(b"late")
         await response.write_eof()
         return response
     if "stall" in query:

@@ -111,6 +111,21 @@ async def test_upstream_timeout_and_unavailable(make_harness) -> None:  # type: 
         await stalled.read()
 
 
+async def test_a_head_sent_before_its_body_reaches_the_client_at_once(make_harness) -> None:  # type: ignore[no-untyped-def]
+    # The gateway writes a small answer's head together with its body, but only when the
+    # body came with it: a head the upstream sends alone (a slow or long-polled answer) is
+    # relayed without waiting for the body.
+    harness: Harness = await make_harness()
+    token = await harness.token()
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    held = await harness.client.get("/echo/a?hold=1.5", headers={"Authorization": f"Bearer {token}"})
+    head_after = loop.time() - sent
+    assert held.status == 200
+    assert await held.read() == b"late"
+    assert head_after < 1.0 <= loop.time() - sent
+
+
 async def test_refused_upstream_is_502(tmp_path: Path, store_url: str) -> None:
     from tests.process import free_port
 
