@@ -15,6 +15,7 @@ ints (in flight, cache hits) and the process metrics are copied into those files
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -81,6 +82,61 @@ class InFlight(Collector):
         )
 
 
+class RequestTally:
+    """Per-request counts kept as plain ints and handed to the Prometheus objects by `flush`.
+
+    A proxied request used to take three locks (a counter and two histograms), and under
+    `--workers` each of those wrote the shared files; it now adds to a dict and a list, and
+    the totals move over every second and at each scrape (`Metrics.refresh`).
+    """
+
+    __slots__ = ("_bounds", "requests", "durations", "upstream")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.requests: dict[tuple[str, str], int] = {}
+        # Per route: the count in each bucket (not cumulative; the last is +Inf) and the sum.
+        self.durations: dict[str, tuple[list[int], list[float]]] = {}
+        self.upstream: dict[str, tuple[list[int], list[float]]] = {}
+
+    def count(self, route: str, status: str) -> None:
+        """One request of `route` answered with `status`."""
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe(self, into: dict[str, tuple[list[int], list[float]]], route: str, seconds: float) -> None:
+        """One observation of `seconds` for `route` in `into` (durations or upstream)."""
+        found = into.get(route)
+        if found is None:
+            found = into[route] = ([0] * (len(self._bounds) + 1), [0.0])
+        found[0][bisect_left(self._bounds, seconds)] += 1
+        found[1][0] += seconds
+
+    def flush(self, requests: Counter, durations: Histogram, upstream: Histogram) -> None:
+        """Add what was counted since the last flush to the Prometheus objects, and start over."""
+        counted, self.requests = self.requests, {}
+        for (route, status), number in counted.items():
+            requests.labels(route, status).inc(number)
+        for tally, histogram in ((self.durations, durations), (self.upstream, upstream)):
+            for route, (buckets, total) in tally.items():
+                if total[0] == 0.0 and not any(buckets):
+                    continue
+                _add_observations(histogram.labels(route), buckets, total[0])
+                buckets[:] = [0] * len(buckets)
+                total[0] = 0.0
+
+
+def _add_observations(child: Histogram, buckets: list[int], total: float) -> None:
+    # prometheus-client has no call that adds many observations at once; its histogram child
+    # keeps one value per bucket (non-cumulative, +Inf last) and one for the sum, each with
+    # inc(), in memory or in the shared files alike (tests/unit/test_request_tally.py checks
+    # the scrape against direct observations).
+    for value, number in zip(child._buckets, buckets, strict=True):
+        if number:
+            value.inc(number)
+    child._sum.inc(total)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """What the scrape reads from the running gateway rather than from the request path."""
@@ -126,6 +182,7 @@ class Metrics:
         )
         info.labels(__version__).set(1)
         self.in_flight = InFlight()
+        self.tally = RequestTally(SECONDS_BUCKETS)
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",
             "Whole proxied requests, from the request's head to the answer's last byte (not WebSockets).",
@@ -208,6 +265,7 @@ class Metrics:
 
     def refresh(self, now: Snapshot) -> None:
         """Bring the values read at scrape time up to date (under --workers: into the shared files)."""
+        self.tally.flush(self.requests, self.request_duration, self.upstream_latency)
         self.store_healthy.set(1 if now.store_healthy else 0)
         self.cached_identities.set(now.cached_identities)
         self.token_cache.update(now.cache_hits, now.cache_misses)

@@ -19,7 +19,6 @@ import time
 
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import Counter, Histogram
 
 from gateway.assertion import Assertions
 from gateway.cors import OriginIndex
@@ -38,6 +37,7 @@ from gateway.websocket import WebSocketRelay
 log = logging.getLogger("gateway.pipeline")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_STATUS_TEXT = {status: str(status) for status in range(100, 600)}  # the metric label, made once
 
 __all__ = ["Pipeline", "Settings"]
 
@@ -65,9 +65,6 @@ class Pipeline:
         self._tokens = token_endpoint
         self._assertions = assertions
         self._metrics = metrics
-        # labels() is a lock and a dict walk; the children are looked up once per (route, status).
-        self._request_counters: dict[tuple[str | None, int], Counter] = {}
-        self._durations: dict[str | None, Histogram] = {}
         self._origins = origins
         self._forward_auth = ForwardAuth(self.decider)
 
@@ -283,23 +280,18 @@ class Pipeline:
         principal = decision.principal if decision is not None else None
         route_name = route.config.name if route is not None else None
         metrics = self._metrics
-        counter = self._request_counters.get((route_name, status))
-        if counter is None:
-            counter = metrics.requests.labels(route_name or "", str(status))
-            self._request_counters[(route_name, status)] = counter
-        counter.inc()
+        tally = metrics.tally
+        label = route_name or ""
+        tally.count(label, _STATUS_TEXT.get(status) or str(status))
         if error is not None:
             metrics.refusals.labels(error.value).inc()
             if error is Refusal.RATE_LIMITED:
-                metrics.rate_limited.labels(route_name or "").inc()
+                metrics.rate_limited.labels(label).inc()
         if outcome.upstream_seconds is not None and route_name is not None:
-            metrics.upstream_latency.labels(route_name).observe(outcome.upstream_seconds)
+            tally.observe(tally.upstream, route_name, outcome.upstream_seconds)
         elapsed = time.perf_counter() - started
         if status != 101:  # a WebSocket's line comes when it ends: its lifetime is no request's duration
-            duration = self._durations.get(route_name)
-            if duration is None:
-                duration = self._durations[route_name] = metrics.request_duration.labels(route_name or "")
-            duration.observe(elapsed)
+            tally.observe(tally.durations, label, elapsed)
         code = error.value if error is not None else outcome.error
         if outcome.client_gone:
             code = "client_disconnected"
