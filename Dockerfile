@@ -36,4 +36,5 @@ EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 CMD ["python", "-c", \
     "import os, urllib.request; port = os.environ.get('GATEWAY_ADMIN_LISTEN', ':8081').rsplit(':', 1)[1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2)"]
 ENTRYPOINT ["gateway"]
-CMD ["serve"]
+# One worker per core the container may use (its cpuset, capped by a --cpus quota).
+CMD ["serve", "--workers", "auto"]

@@ -104,8 +104,11 @@ def _quick_stop(config: Path) -> None:
         config.write_text(text.rstrip("\n") + "\nshutdown: {drain_delay: 0, timeout: 10}\n")
 
 
-def _limit_files(count: int) -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+def _confine(open_files: int | None, cpus: set[int] | None) -> None:
+    if open_files is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
 
 class GatewayProcess:
@@ -116,10 +119,12 @@ class GatewayProcess:
         config: Path,
         *,
         extra_env: dict[str, str] | None = None,
-        workers: int = 1,
+        workers: int | str = 1,
         open_files: int | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
-        """Start the child; `open_files` caps its RLIMIT_NOFILE (soft and hard)."""
+        """Start the child; `open_files` caps its RLIMIT_NOFILE (soft and hard), `cpus` pins it
+        (its affinity mask, as taskset would)."""
         self.config = config
         _quick_stop(config)
         self.proxy_port = free_port()
@@ -140,7 +145,7 @@ class GatewayProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=config.parent,
-            preexec_fn=None if open_files is None else lambda: _limit_files(open_files),
+            preexec_fn=None if open_files is None and cpus is None else lambda: _confine(open_files, cpus),
         )
 
     @property

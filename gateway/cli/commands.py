@@ -99,16 +99,41 @@ def cli(
     session.admin_ca_file = admin_ca_file or session.admin_ca_file
 
 
+class WorkerCount(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.2
+    """`--workers`: a number from 1, or `auto` (one per available core)."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            number = value
+        else:
+            try:
+                number = int(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is neither a number nor auto", param, ctx)
+        if isinstance(number, int) and number < 1:
+            self.fail(f"{number} is not at least 1", param, ctx)
+        return number
+
+
 @cli.command()
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="worker processes")
+@click.option(
+    "--workers",
+    type=WorkerCount(),
+    default=1,
+    show_default=True,
+    help="worker processes: a number, or auto for one per available core (affinity and cgroup quota)",
+)
 @pass_session
-def serve(session: Session, workers: int) -> None:
+def serve(session: Session, workers: int | str) -> None:
     """Run the proxy and admin listeners (creates or migrates the store)."""
     config = session.config()
+    from gateway.cpus import available_cpus
     from gateway.server import serve as serve_app
 
     try:
-        serve_app(config, workers=workers)
+        serve_app(config, workers=available_cpus() if workers == "auto" else int(workers))
     except GatewayError as exc:
         fail(exc)
 
