@@ -1,17 +1,19 @@
-"""The assertion's lean signer: the same tokens PyJWT makes, verified as PyJWT verifies.
+"""The assertion's lean signer and its `jti`s: the same tokens PyJWT makes, verified as PyJWT verifies.
 
 `signing.compact_signer` replaces PyJWT's encode on the per-request path; these tests hold it
 to PyJWT's own output (header segment and claims segment byte for byte, EdDSA's whole token
 since Ed25519 is deterministic), to PyJWT's `decode` and the gateway's `signing.verify`, and
-to the raw r||s form of an ES256 signature.
+to the raw r||s form of an ES256 signature. The `jti`s come from a batched CSPRNG read.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -20,10 +22,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from gateway import signing
-
-ASSERTION_TYPE = "gateway-assertion+jwt"
-LIFETIME = 60
+from gateway import assertion, signing
+from gateway.assertion import ASSERTION_TYPE, LIFETIME, Assertions
+from gateway.keyring import KeyRing, RingKey
 
 KID = "sk_test"
 CLAIMS: dict[str, Any] = {
@@ -161,3 +162,97 @@ def test_other_keys_fall_back_to_pyjwt() -> None:
         )
         == CLAIMS
     )
+
+
+# -- Assertions.sign ---------------------------------------------------------------------------
+
+
+def ring_of(alg: str) -> KeyRing:
+    key = signing.generate(alg)
+    return KeyRing([RingKey(signing.new_kid(), alg, key.public_key(), key, 0.0, 0.0, None)], 3600)
+
+
+def assert_one(assertions: Assertions, target: str = "/orders/1%2F2") -> str:
+    settings = SimpleNamespace(config=SimpleNamespace(signing=SimpleNamespace(issuer="gateway")))
+    decision = SimpleNamespace(
+        route=SimpleNamespace(config=SimpleNamespace(name="orders", upstream="http://up:9000/base")),
+        principal=SimpleNamespace(user="svc", token_id="tok_1"),
+        roles=("reader", "writer"),
+        method="POST",
+    )
+    return assertions.sign(settings, decision, target, "rid-1")  # type: ignore[arg-type]
+
+
+def verified(token: str, ring: KeyRing, now: float) -> dict[str, Any]:
+    return signing.verify(
+        token,
+        ring.verify_keys(now),
+        typ=ASSERTION_TYPE,
+        issuer="gateway",
+        audience="route:orders",
+        required=["sub", "jti"],
+        now=now,
+    )
+
+
+def test_assertion_claims(alg: str, now: float) -> None:
+    ring = ring_of(alg)
+    assertions = Assertions(lambda: ring, clock=lambda: now)
+    first, second = assert_one(assertions), assert_one(assertions, "/other")
+    claims = verified(first, ring, now)
+    jti = claims.pop("jti")
+    assert URL_SAFE_22.fullmatch(jti)
+    assert claims == {
+        "iss": "gateway",
+        "aud": "route:orders",
+        "sub": "svc",
+        "roles": ["reader", "writer"],
+        "token_id": "tok_1",
+        "method": "POST",
+        "path": "/base/orders/1%2F2",
+        "request_id": "rid-1",
+        "iat": int(now),
+        "exp": int(now) + LIFETIME,
+    }
+    again = verified(second, ring, now)
+    assert again["path"] == "/base/other" and again["jti"] != jti
+    assert jwt.get_unverified_header(first) == {"alg": alg, "kid": ring.keys[0].kid, "typ": ASSERTION_TYPE}
+
+
+def test_assertion_follows_a_new_ring(now: float) -> None:
+    rings = [ring_of("ES256")]
+    assertions = Assertions(lambda: rings[-1], clock=lambda: now)
+    assert jwt.get_unverified_header(assert_one(assertions))["kid"] == rings[0].keys[0].kid
+    rings.append(ring_of("EdDSA"))  # rotated (and another algorithm): the cached signer goes
+    token = assert_one(assertions)
+    assert jwt.get_unverified_header(token)["kid"] == rings[1].keys[0].kid
+    verified(token, rings[1], now)
+    with pytest.raises(signing.InvalidJwt):
+        verified(token, rings[0], now)
+
+
+# -- jti ----------------------------------------------------------------------------------------
+
+
+def test_jtis_are_url_safe_and_unique() -> None:
+    jtis = [assertion.new_jti() for _ in range(100_000)]
+    assert len(set(jtis)) == len(jtis)
+    assert all(URL_SAFE_22.fullmatch(jti) for jti in jtis)
+
+
+def test_a_forked_child_draws_other_jtis() -> None:
+    assertion.new_jti()  # the parent's pool is filled: a child would inherit it
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next jtis and leave without pytest's clean-up
+        try:
+            os.write(writer, " ".join(assertion.new_jti() for _ in range(3)).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        child = pipe.read().split()
+    os.waitpid(pid, 0)
+    parent = [assertion.new_jti() for _ in range(3)]
+    assert len(child) == 3 and all(URL_SAFE_22.fullmatch(jti) for jti in child)
+    assert not set(child) & set(parent)
