@@ -1,6 +1,6 @@
 """The signed identity assertion for upstreams (route key `assertion: true`).
 
-Imports: decision, keyring, signing.
+Imports: decision, errors, keyring, signing.
 
 Plain identity headers say who the caller is only to an upstream that trusts its network;
 an assertion proves it came through this gateway (Pomerium's `X-Pomerium-Jwt-Assertion`,
@@ -12,7 +12,8 @@ it lives 60 seconds. The proxy never accepts one as a credential (its `typ` diff
 
 from __future__ import annotations
 
-import secrets
+import base64
+import os
 import time
 from collections.abc import Callable
 from math import floor
@@ -21,10 +22,42 @@ from urllib.parse import urlsplit
 from gateway import signing
 from gateway.decision import Decision, Settings
 from gateway.errors import StoreUnavailable
-from gateway.keyring import KeyRing
+from gateway.keyring import KeyRing, RingKey
 
 ASSERTION_TYPE = "gateway-assertion+jwt"
 LIFETIME = 60  # seconds
+
+
+class _Jtis:
+    """Fresh `jti`s: 22 url-safe characters (132 random bits; `secrets.token_urlsafe(16)` has
+    128) cut from the OS's CSPRNG read 256 at a time, as one base64url text: one getrandom()
+    per assertion was a syscall on every request. A forked child starts on fresh bytes."""
+
+    __slots__ = ("_text", "_at")
+    _SIZE = 22
+    _BATCH = 3 * _SIZE * 64  # bytes: a multiple of 3 (no padding), 4 * 22 * 64 characters
+
+    def __init__(self) -> None:
+        self._text, self._at = "", 0
+
+    def next(self) -> str:
+        at = self._at
+        if at >= len(self._text):
+            self._text, at = base64.urlsafe_b64encode(os.urandom(self._BATCH)).decode(), 0
+        self._at = at + self._SIZE
+        return self._text[at : at + self._SIZE]
+
+    def forget(self) -> None:
+        self._text, self._at = "", 0
+
+
+_JTIS = _Jtis()
+os.register_at_fork(after_in_child=_JTIS.forget)
+
+
+def new_jti() -> str:
+    """A fresh, unguessable assertion id (never the same twice, nor in a forked child)."""
+    return _JTIS.next()
 
 
 class Assertions:
@@ -33,35 +66,42 @@ class Assertions:
     def __init__(self, ring: Callable[[], KeyRing], clock: Callable[[], float] = time.time) -> None:
         self._ring = ring
         self._clock = clock
-        self._base_paths: dict[str, str] = {}
+        self._routes: dict[tuple[str, str], tuple[str, str]] = {}  # (name, upstream) → (aud, base path)
+        self._signing: tuple[RingKey, signing.Signer] | None = None  # the current key and its signer
 
     def sign(self, settings: Settings, decision: Decision, target_path: str, request_id: str) -> str:
         """The assertion for an allowed, non-public `decision` forwarded to `target_path`."""
         route, principal = decision.route, decision.principal
         assert route is not None and principal is not None
         now = self._clock()
-        signer = self._ring().signer(now)
-        if signer is None or signer.private is None:
+        key = self._ring().signer(now)
+        if key is None or key.private is None:
             raise StoreUnavailable("no signing key is available on this instance; try again shortly")
+        cached = self._signing
+        if cached is not None and cached[0] is key:
+            sign = cached[1]
+        else:  # the first assertion, or the ring changed (rotation, reload)
+            sign = signing.compact_signer(kid=key.kid, alg=key.alg, key=key.private, typ=ASSERTION_TYPE)
+            self._signing = (key, sign)
+        config = route.config
+        known = self._routes.get((config.name, config.upstream))
+        if known is None:
+            # The upstream URL's own path comes first in the request line the upstream reads.
+            known = (f"route:{config.name}", urlsplit(config.upstream).path)
+            self._routes[(config.name, config.upstream)] = known
         issued = floor(now)
-        claims = {
-            "iss": settings.config.signing.issuer,
-            "aud": f"route:{route.config.name}",
-            "sub": principal.user,
-            "roles": list(decision.roles),
-            "token_id": principal.token_id,
-            "method": decision.method,
-            "path": self._base_path(route.config.upstream) + target_path,
-            "request_id": request_id,
-            "iat": issued,
-            "exp": issued + LIFETIME,
-            "jti": secrets.token_urlsafe(16),
-        }
-        return signing.sign(claims, kid=signer.kid, alg=signer.alg, key=signer.private, typ=ASSERTION_TYPE)
-
-    def _base_path(self, upstream: str) -> str:
-        # The upstream URL's own path comes first in the request line the upstream reads.
-        base = self._base_paths.get(upstream)
-        if base is None:
-            base = self._base_paths[upstream] = urlsplit(upstream).path
-        return base
+        return sign(
+            {
+                "iss": settings.config.signing.issuer,
+                "aud": known[0],
+                "sub": principal.user,
+                "roles": list(decision.roles),
+                "token_id": principal.token_id,
+                "method": decision.method,
+                "path": known[1] + target_path,
+                "request_id": request_id,
+                "iat": issued,
+                "exp": issued + LIFETIME,
+                "jti": _JTIS.next(),
+            }
+        )

@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ import jwt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
@@ -149,6 +150,55 @@ class VerifyKey:
 def sign(claims: Mapping[str, Any], *, kid: str, alg: str, key: PrivateKey, typ: str) -> str:
     """A compact JWS of `claims` with header {alg, kid, typ}."""
     return jwt.encode(dict(claims), key, algorithm=alg, headers={"kid": kid, "typ": typ})
+
+
+Signer = Callable[[dict[str, Any]], str]
+
+# What PyJWT's encode does per token, done once: the claims' JSON is PyJWT's exactly
+# (compact separators, ASCII, insertion order), from one encoder instead of a new one a call.
+_CLAIMS_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def compact_signer(*, kid: str, alg: str, key: PrivateKey, typ: str) -> Signer:
+    """`sign` for one key and `typ`, for a JWT on every request (the identity assertion).
+
+    The same token as `sign` (header {alg, kid, typ} with PyJWT's sorted keys, the same claims
+    JSON, base64url without padding), made without PyJWT's per-call work: the header segment
+    is encoded once, and the signature comes from `cryptography` directly (ECDSA's DER turned
+    into the JWS's fixed-width r||s). A key `generate` would not make goes through `sign`.
+    """
+    header = json.dumps({"alg": alg, "kid": kid, "typ": typ}, separators=(",", ":"), sort_keys=True)
+    prefix = _b64(header.encode()) + b"."
+    if alg == "ES256" and isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        return _es256(prefix, key)
+    if alg == "EdDSA" and isinstance(key, ed25519.Ed25519PrivateKey):
+        return _eddsa(prefix, key)
+    return lambda claims: sign(claims, kid=kid, alg=alg, key=key, typ=typ)
+
+
+def _es256(prefix: bytes, key: ec.EllipticCurvePrivateKey) -> Signer:
+    ecdsa, key_sign = ec.ECDSA(hashes.SHA256()), key.sign
+
+    def es256(claims: dict[str, Any]) -> str:
+        message = prefix + _b64(_CLAIMS_JSON(claims).encode())
+        r, s = decode_dss_signature(key_sign(message, ecdsa))
+        return (message + b"." + _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))).decode()
+
+    return es256
+
+
+def _eddsa(prefix: bytes, key: ed25519.Ed25519PrivateKey) -> Signer:
+    key_sign = key.sign
+
+    def eddsa(claims: dict[str, Any]) -> str:
+        message = prefix + _b64(_CLAIMS_JSON(claims).encode())
+        return (message + b"." + _b64(key_sign(message))).decode()
+
+    return eddsa
 
 
 def verify(
