@@ -395,7 +395,10 @@ class RateLimiter:
         user_limit = principal.rate_limit or config.per_user
         if user_limit is None and route_limit is None:
             return ()
-        plan = self._plan(principal.user, route, user_limit, route_limit)
+        # `_plan`'s usual case inlined: the very limit objects of the last request of the pair.
+        plan = self._plans.get((principal.user, route))
+        if plan is None or plan.user_limit is not user_limit or plan.route_limit is not route_limit:
+            plan = self._plan(principal.user, route, user_limit, route_limit)
         now = time.monotonic()
         counts = memory.consume(plan.steps, now)
         if counts is not None:
@@ -406,10 +409,14 @@ class RateLimiter:
     def _plan(self, user: str, route: str, user_limit: Limit | None, route_limit: Limit | None) -> Plan:
         """The checks of `user` on `route`, built again when a limit changed (a reload, the user's own)."""
         plan = self._plans.get((user, route))
-        if plan is None or not plan.fits(user_limit, route_limit):
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            plan = self._plans[user, route] = Plan(user, route, user_limit, route_limit)
+        if plan is not None and plan.fits(user_limit, route_limit):
+            # Equal limits in new objects (a reload, a principal read again, another token of
+            # the user): the next request finds them by identity.
+            plan.user_limit, plan.route_limit = user_limit, route_limit
+            return plan
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        plan = self._plans[user, route] = Plan(user, route, user_limit, route_limit)
         return plan
 
     def _admitted(self, plan: Plan, verdicts: Sequence[Verdict]) -> RateHeaders:
