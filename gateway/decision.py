@@ -245,24 +245,29 @@ class Decider:
                 if limits.per_user is not None or route_limit is not None or user.rate_limit is not None:
                     decision.stage = "limit"
                     name = route.config.name
-                    decision.rate_headers = await self.limiter.admit(limits, user, name, route_limit)
+                    # The memory store answers at once: no coroutine (a Redis store's round trip is awaited).
+                    rate_headers = self.limiter.admit_now(limits, user, name, route_limit)
+                    if rate_headers is None:
+                        rate_headers = await self.limiter.admit(limits, user, name, route_limit)
+                    decision.rate_headers = rate_headers
             decision.stage = "allowed"
         except GatewayError as error:
             decision.error = error
         return decision
 
-    async def authenticate_limited(
+    def authenticate_limited(
         self,
         limiter: RateLimiter,
         settings: Settings,
         authorization: list[str],
         headers: Headers,
         peer: str | None,
-    ) -> Principal:
-        """The credential step under `auth_failures` (README "Rate limits")."""
+    ) -> Awaitable[Principal]:
+        """The credential step under `auth_failures` (README "Rate limits"), to await."""
         address = settings.headers.client_address(headers, peer)
         limits, credential = settings.config.rate_limits, "\n".join(authorization)
-        return await limiter.guard(limits, address, credential, lambda: self.authenticate(authorization))
+        # The guard's coroutine itself, not one more wrapped around it (this runs per request).
+        return limiter.guard(limits, address, credential, lambda: self.authenticate(authorization))
 
     def check_origin(self, decision: Decision) -> None:
         """Refuse unless the request's origin is allowed for its user (or, public, on its route)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple, Protocol, TypeVar
@@ -24,7 +25,16 @@ from urllib.parse import urlsplit, urlunsplit
 from gateway.config import RateLimitConfig
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
-from gateway.ratelimit import Limit, RateHeaders, Verdict, decide, limit_item, policy_item, retry_after_header
+from gateway.ratelimit import (
+    Limit,
+    RateHeaders,
+    Verdict,
+    decide,
+    limit_item,
+    limit_template,
+    policy_item,
+    retry_after_header,
+)
 from gateway.redis_client import RedisClient, RedisFailure
 from gateway.store import Principal
 
@@ -34,6 +44,7 @@ T = TypeVar("T")
 STORE_TIMEOUT = 0.25  # seconds a request waits for Redis before on_store_error decides
 _RETRY_DOWN = 0.5  # seconds between attempts while Redis is down (requests meanwhile skip it)
 KEY_PREFIX = "gateway:rl:"
+_MAX_PLANS = 4096  # (user, route) pairs whose checks are kept built; all dropped when full
 
 
 class Check(NamedTuple):
@@ -42,6 +53,41 @@ class Check(NamedTuple):
     policy: str  # "user", "route" or "auth"
     key: str
     limit: Limit
+
+
+Step = tuple[str, float, float]
+"""A check as the memory store's fast path reads it: key, emission interval, burst tolerance."""
+
+
+class Plan:
+    """One user's checks on one route and their headers' constant parts, built once per pair.
+
+    Every request of the pair would otherwise build the same keys, `Check`s and
+    `RateLimit-Policy` value again; the limits it was built from tell when it is stale.
+    """
+
+    __slots__ = ("user_limit", "route_limit", "checks", "steps", "policy", "state")
+
+    def __init__(self, user: str, route: str, user_limit: Limit | None, route_limit: Limit | None) -> None:
+        self.user_limit = user_limit
+        self.route_limit = route_limit
+        checks: list[Check] = []
+        if user_limit is not None:
+            checks.append(Check("user", "u:" + user, user_limit))
+        if route_limit is not None:
+            checks.append(Check("route", f"r:{route}:{user}", route_limit))
+        self.checks = tuple(checks)
+        self.steps: tuple[Step, ...] = tuple(
+            (check.key, check.limit.interval, check.limit.tolerance) for check in checks
+        )
+        self.policy = ("RateLimit-Policy", ", ".join(policy_item(c.policy, c.limit) for c in checks))
+        # The `RateLimit` value with a %d for each check's requests left and seconds to wait.
+        self.state = ", ".join(limit_template(check.policy) for check in checks)
+
+    def fits(self, user_limit: Limit | None, route_limit: Limit | None) -> bool:
+        """Whether the plan was built from these limits (the same objects, or equal ones)."""
+        mine, theirs = self.user_limit, self.route_limit
+        return (mine is user_limit or mine == user_limit) and (theirs is route_limit or theirs == route_limit)
 
 
 class StoreFailed(Exception):
@@ -91,6 +137,37 @@ class MemoryStore:
             if not verdict.allowed and verdict.tat < tats.get(check.key, verdict.tat):
                 tats[check.key] = verdict.tat  # decide's clamp of another limit's debt, kept to refill
         return verdicts
+
+    def consume(self, steps: Sequence[Step], now: float) -> tuple[int, ...] | None:
+        """`apply_now(checks, True, now)` when every check admits, without a Verdict per check:
+        each check's requests left and whole seconds until one more, in order, flat. None, with
+        nothing changed, when one would refuse (then `apply_now` gives the verdicts).
+
+        The same arithmetic as gateway.ratelimit.decide's admission (kept equal by a test).
+        """
+        tats = self._tats
+        counts: tuple[int, ...] = ()
+        new_tats = {}
+        for key, interval, tolerance in steps:
+            tat = tats.get(key, now)
+            if tat < now:
+                tat = now
+            elif tat > now + tolerance:
+                tat = now + tolerance  # decide's clamp of a stricter limit's debt
+            new_tat = tat + interval
+            if now < new_tat - tolerance:
+                return None
+            left = math.floor((now + tolerance - new_tat) / interval + 1e-9)
+            if left > 0:
+                counts += (left, 0)
+            else:
+                wait = new_tat - tolerance + interval - now
+                counts += (0, math.ceil(wait) if wait > 0.0 else 0)
+            new_tats[key] = new_tat
+        tats.update(new_tats)  # all or nothing, as apply_now
+        if len(tats) >= self._sweep_at:
+            self._sweep(now)
+        return counts
 
     def _sweep(self, now: float) -> None:
         # A key whose TAT has passed is the same as a key never seen: drop it.
@@ -223,6 +300,7 @@ class RateLimiter:
         self._memory = self.store if isinstance(self.store, MemoryStore) else None
         self._metrics = metrics
         self._policies: dict[tuple[tuple[str, Limit], ...], str] = {}
+        self._plans: dict[tuple[str, str], Plan] = {}  # by (user, route)
         self._fallback = MemoryStore()  # failed credential checks while the store is down
         # Credential checks in flight: client address → credential → requests checking it.
         self._checking: dict[str, dict[str, int]] = {}
@@ -297,27 +375,60 @@ class RateLimiter:
         self, config: RateLimitConfig, principal: Principal, route: str, route_limit: Limit | None
     ) -> RateHeaders:
         """Count one request of `principal` on `route`, or refuse it (429) consuming nothing."""
+        headers = self.admit_now(config, principal, route, route_limit)
+        if headers is not None:
+            return headers
         user_limit = principal.rate_limit or config.per_user
         if user_limit is None and route_limit is None:
             return ()
-        user = principal.user
-        by_route = () if route_limit is None else (Check("route", f"r:{route}:{user}", route_limit),)
-        checks = by_route if user_limit is None else (Check("user", "u:" + user, user_limit), *by_route)
+        plan = self._plan(principal.user, route, user_limit, route_limit)
+        verdicts = await self._apply(config, plan.checks, consume=True)
+        return () if verdicts is None else self._admitted(plan, verdicts)
+
+    def admit_now(
+        self, config: RateLimitConfig, principal: Principal, route: str, route_limit: Limit | None
+    ) -> RateHeaders | None:
+        """`admit` on the memory store, without a coroutine; None when the store is Redis (await `admit`)."""
         memory = self._memory
-        if memory is not None:
-            verdicts = memory.apply_now(checks, True, time.monotonic())
-        else:
-            found = await self._apply(config, checks, consume=True)
-            if found is None:
-                return ()
-            verdicts = found
+        if memory is None:
+            return None
+        user_limit = principal.rate_limit or config.per_user
+        if user_limit is None and route_limit is None:
+            return ()
+        # `_plan`'s usual case inlined: the very limit objects of the last request of the pair.
+        plan = self._plans.get((principal.user, route))
+        if plan is None or plan.user_limit is not user_limit or plan.route_limit is not route_limit:
+            plan = self._plan(principal.user, route, user_limit, route_limit)
+        now = time.monotonic()
+        counts = memory.consume(plan.steps, now)
+        if counts is not None:
+            return (plan.policy, ("RateLimit", plan.state % counts))
+        # Some check refuses (consume changed nothing): the verdicts, for the 429's headers.
+        return self._admitted(plan, memory.apply_now(plan.checks, True, now))
+
+    def _plan(self, user: str, route: str, user_limit: Limit | None, route_limit: Limit | None) -> Plan:
+        """The checks of `user` on `route`, built again when a limit changed (a reload, the user's own)."""
+        plan = self._plans.get((user, route))
+        if plan is not None and plan.fits(user_limit, route_limit):
+            # Equal limits in new objects (a reload, a principal read again, another token of
+            # the user): the next request finds them by identity.
+            plan.user_limit, plan.route_limit = user_limit, route_limit
+            return plan
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        plan = self._plans[user, route] = Plan(user, route, user_limit, route_limit)
+        return plan
+
+    def _admitted(self, plan: Plan, verdicts: Sequence[Verdict]) -> RateHeaders:
+        """The headers of an admitted request; RateLimited when one of `verdicts` refuses it."""
         refused = [verdict for verdict in verdicts if not verdict.allowed]
         if refused:
             worst = max(refused, key=lambda verdict: verdict.retry_after)
             raise RateLimited(
-                "rate limit reached; try again later", self._headers(checks, verdicts, refused=worst)
+                "rate limit reached; try again later",
+                self._headers(plan.checks, verdicts, refused=worst, policy=plan.policy[1]),
             )
-        return self._headers(checks, verdicts)
+        return self._headers(plan.checks, verdicts, policy=plan.policy[1])
 
     async def _apply(
         self, config: RateLimitConfig, checks: Sequence[Check], *, consume: bool
@@ -356,9 +467,15 @@ class RateLimiter:
         return verdicts
 
     def _headers(
-        self, checks: Sequence[Check], verdicts: Sequence[Verdict], *, refused: Verdict | None = None
+        self,
+        checks: Sequence[Check],
+        verdicts: Sequence[Verdict],
+        *,
+        refused: Verdict | None = None,
+        policy: str | None = None,
     ) -> RateHeaders:
-        policy = self._policy(checks)
+        if policy is None:
+            policy = self._policy(checks)
         if refused is not None:
             # Nothing was consumed: a key that would have admitted still has this request's share.
             verdicts = [

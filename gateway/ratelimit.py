@@ -163,6 +163,11 @@ def policy_item(name: str, limit: Limit) -> str:
     return f'"{name}";q={limit.burst};w={limit.window}'
 
 
+def limit_template(name: str) -> str:
+    """One `RateLimit` item with `%d` for its two numbers (a store's fast path fills it in)."""
+    return f'"{name}";r=%d;t=%d'
+
+
 def limit_item(name: str, verdict: Verdict) -> str:
     """One `RateLimit` item: `"name";r=<requests left>;t=<whole seconds until one more>`."""
-    return f'"{name}";r={verdict.remaining};t={math.ceil(verdict.retry_after)}'
+    return limit_template(name) % (verdict.remaining, math.ceil(verdict.retry_after))
