@@ -1,12 +1,15 @@
 """Per-stage profile of the request path: µs of the gateway's CPU per request, stage by stage.
 
-    python -m bench.profile [--seconds 8] [--rate 1000] [--label TEXT] [--variants token,jwt,...]
+    python -m bench.profile [--seconds 6] [--rounds 3] [--rate 1000] [--label TEXT]
+                            [--variants token,jwt,assertion,ratelimit] [--no-write] [--keep]
 
 The setup is the throughput scenario's (bench/run.py): the nginx upstream and wrk on core 0,
-one `gateway serve` (SQLite, log_level info, the `bench` route's policy and identity headers)
-on core 1, 50 connections. Each variant is measured twice in a row: a plain wrk run for the
-CPU µs per request (the process's utime+stime over the requests served), then a run under
-`py-spy record` (core 0, sampling the gateway's Python stacks) for the shares. A sample's
+`gateway serve` (SQLite, log_level info, the `bench` route's policy and identity headers) on
+core 1, 50 connections; one process per variant (token; JWT, on the token's process;
+`assertion: true`; rate limits on the memory store), all started at once. Each variant's CPU
+µs per request (the process's utime+stime over the requests served) is the median of ROUNDS
+plain wrk runs that alternate between the variants; then one run per variant under `py-spy
+record` (core 0, sampling the gateway's Python stacks) gives the shares. A sample's
 stage is that of its deepest frame a rule below names; a stage's µs per request is its share
 of the samples times the plain run's CPU per request. Samples where the interpreter waits in
 the event loop's C code (epoll, socket reads and writes, uvloop's callbacks) are the
@@ -123,11 +126,24 @@ class Variant:
 
     key: str
     label: str
-    cpu_us: float = 0.0
-    rps: float = 0.0
+    rounds: list[tuple[float, float]] = field(default_factory=list)  # (CPU µs per request, req/s)
     samples: int = 0
     stages: dict[str, int] = field(default_factory=dict)
     note: str = ""
+
+    @property
+    def cpu_us(self) -> float:
+        """CPU µs per request of the median round (by CPU)."""
+        return self._median()[0]
+
+    @property
+    def rps(self) -> float:
+        """req/s of that same round."""
+        return self._median()[1]
+
+    def _median(self) -> tuple[float, float]:
+        ordered = sorted(self.rounds)
+        return ordered[len(ordered) // 2] if ordered else (0.0, 0.0)
 
 
 def stage_of(stack: list[str]) -> str:
@@ -172,10 +188,10 @@ class Profiler:
         self.procs = Processes(work, env)
         self.py_spy = shutil.which("py-spy") or "py-spy"
 
-    def measure(self, variant: Variant, server: Server, token: str) -> None:
+    def cpu_round(self, variant: Variant, server: Server, token: str) -> None:
+        """One plain wrk run: the CPU per request (no profiler attached)."""
         url = f"http://{LOOPBACK}:{server.port}{BENCH_PATH}"
         wait_until_quiet(0.25, 20)
-        run_wrk(url, connections=CONNECTIONS, duration=2, token=token, cpus=LOAD_CPUS)  # warm-up
         plain = run_wrk(
             url,
             connections=CONNECTIONS,
@@ -186,24 +202,24 @@ class Profiler:
         )
         if plain.error_count or plain.cpu_us_per_req is None:
             raise RuntimeError(f"{variant.key}: wrk errors {plain.errors}")
-        variant.cpu_us, variant.rps = plain.cpu_us_per_req, plain.rps
+        variant.rounds.append((plain.cpu_us_per_req, plain.rps))
+
+    def sample(self, variant: Variant, server: Server, token: str) -> None:
+        """The stage shares: a wrk run under `py-spy record`."""
+        url = f"http://{LOOPBACK}:{server.port}{BENCH_PATH}"
         raw = self.work / f"{variant.key}.raw.txt"
-        spy = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                LOAD_CPUS,
-                self.py_spy,
-                "record",
-                "--pid",
-                str(server.pid),
-                "--rate",
-                str(self.rate),
-            ]
-            + ["--duration", f"{self.seconds:g}", "--format", "raw", "--output", str(raw)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        argv = ["taskset", "-c", LOAD_CPUS, self.py_spy, "record", "--pid", str(server.pid)]
+        argv += [
+            "--rate",
+            str(self.rate),
+            "--duration",
+            f"{self.seconds:g}",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ]
+        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)  # py-spy attached before the load starts
         run_wrk(url, connections=CONNECTIONS, duration=self.seconds, token=token, cpus=LOAD_CPUS)
         _, err = spy.communicate(timeout=self.seconds + 60)
@@ -215,37 +231,39 @@ class Profiler:
         summary = f"{variant.rps:,.0f} req/s, {variant.cpu_us:.0f} µs CPU/req, {variant.samples} samples"
         log(f"{variant.key}: {summary}")
 
-    def run(self, keys: list[str]) -> list[Variant]:
+    def run(self, keys: list[str], rounds: int) -> list[Variant]:
+        """Start every variant's server, measure their CPU in interleaved rounds, then sample each."""
         upstream_port = free_port()
         start_nginx_upstream(self.procs, self.work, LOAD_CPUS, upstream_port)
         upstream = f"http://{LOOPBACK}:{upstream_port}"
         store = f"sqlite+aiosqlite:///{self.work / 'gw-token' / 'gateway.db'}"
         base = write_gateway_config(self.work / "gw-token", store, upstream, upstream)
         token = create_bench_token(base, self.env)
-        variants: list[Variant] = []
         gateway = start_gateway(self.procs, base, SUT_CPUS, "gw-token")
         secret_file = base.directory / "gateway.secret"
+        measured: list[tuple[Variant, Server, str]] = []
         for key in keys:
             if key == "token":
-                variant = Variant(key, "token (c)")
-                self.measure(variant, gateway, token)
+                measured.append((Variant(key, "token (c)"), gateway, token))
             elif key == "jwt":
                 create_bench_key(base, self.env)
-                variant = Variant(key, "JWT (j)")
-                self.measure(variant, gateway, exchange_api_key(base).token)
+                measured.append((Variant(key, "JWT (j)"), gateway, exchange_api_key(base).token))
             else:
                 setup = self._variant_setup(key, store, upstream, secret_file)
-                setup.token = token
-                server = start_gateway(self.procs, setup, SUT_CPUS, f"gw-{key}")
-                variant = Variant(
-                    key, {"assertion": "assertion (k)", "ratelimit": "rate limits, memory (l)"}[key]
+                label = {"assertion": "assertion (k)", "ratelimit": "rate limits, memory (l)"}[key]
+                measured.append(
+                    (Variant(key, label), start_gateway(self.procs, setup, SUT_CPUS, f"gw-{key}"), token)
                 )
-                try:
-                    self.measure(variant, server, token)
-                finally:
-                    self.procs.stop(server.proc)
-            variants.append(variant)
-        return variants
+        for _, server, credential in measured:  # warm-up: caches filled, code paths run
+            url = f"http://{LOOPBACK}:{server.port}{BENCH_PATH}"
+            run_wrk(url, connections=CONNECTIONS, duration=2, token=credential, cpus=LOAD_CPUS)
+        for round_no in range(rounds):
+            for variant, server, credential in measured:
+                self.cpu_round(variant, server, credential)
+            log(f"round {round_no + 1}/{rounds} done")
+        for variant, server, credential in measured:
+            self.sample(variant, server, credential)
+        return [variant for variant, _, _ in measured]
 
     def _variant_setup(self, key: str, store: str, upstream: str, secret_file: Path) -> GatewaySetup:
         if key == "assertion":
@@ -265,7 +283,7 @@ class Profiler:
         raise SystemExit(f"unknown variant {key!r} (token, jwt, assertion, ratelimit)")
 
 
-def render(variants: list[Variant], label: str, seconds: float, rate: int) -> str:
+def render(variants: list[Variant], label: str, seconds: float, rate: int, rounds: int) -> str:
     """One table: stages down, variants across, µs of CPU per request (and the token path's %)."""
     commit = subprocess.run(
         ["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
@@ -288,13 +306,29 @@ def render(variants: list[Variant], label: str, seconds: float, rate: int) -> st
         if any(variant.stages.get(stage) for variant in variants):
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines.append("| **CPU per request** | " + " | ".join(f"**{v.cpu_us:.0f}**" for v in variants) + " |")
-    lines.append("| req/s (the unprofiled run) | " + " | ".join(f"{v.rps:,.0f}" for v in variants) + " |")
+    if len(variants) > 1:
+        lines.append(
+            f"| vs {first.label} | – | "
+            + " | ".join(
+                f"{v.cpu_us - first.cpu_us:+.0f} µs ({v.cpu_us / first.cpu_us:.2f} ×)" for v in variants[1:]
+            )
+            + " |"
+        )
+    lines.append(
+        "| CPU rounds (µs) | "
+        + " | ".join(" / ".join(f"{c:.0f}" for c, _ in v.rounds) for v in variants)
+        + " |"
+    )
+    lines.append(
+        "| req/s (median round, unprofiled) | " + " | ".join(f"{v.rps:,.0f}" for v in variants) + " |"
+    )
     lines.append("| samples | " + " | ".join(f"{v.samples:,}" for v in variants) + " |")
     lines.append("")
     lines.append(
-        f"`python -m bench.profile --seconds {seconds:g} --rate {rate}`: each column's CPU per request "
-        f"is a {seconds:g} s wrk run without the profiler; the shares come from the next {seconds:g} s "
-        "under py-spy."
+        f"`python -m bench.profile --seconds {seconds:g} --rounds {rounds} --rate {rate}`: every variant's "
+        f"server runs at once; each column's CPU per request is the median of {rounds} interleaved "
+        f"{seconds:g} s wrk runs without the profiler, the shares come from one more {seconds:g} s run "
+        "under py-spy, and a stage's µs are its share times that CPU."
     )
     return "\n".join(lines)
 
@@ -329,7 +363,10 @@ def update_results(table: str, results: Path = RESULTS) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=8.0, help="each measured run (default 8)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="each measured run (default 6)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved CPU rounds (default 3; the median)"
+    )
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second (default 1000)")
     parser.add_argument("--label", default="", help="what this table is (e.g. 'before: …')")
     parser.add_argument("--variants", default="token,jwt,assertion,ratelimit")
@@ -344,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     profiler = Profiler(options.seconds, options.rate, work, env)
     try:
-        variants = profiler.run([key.strip() for key in options.variants.split(",") if key.strip()])
+        keys = [key.strip() for key in options.variants.split(",") if key.strip()]
+        variants = profiler.run(keys, max(1, options.rounds))
     finally:
         profiler.procs.stop_all()
-    table = render(variants, options.label, options.seconds, options.rate)
+    table = render(variants, options.label, options.seconds, options.rate, options.rounds)
     print(table)
     if not options.no_write:
         update_results(table)
