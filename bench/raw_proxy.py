@@ -28,8 +28,11 @@ from gateway.upstream import ConnectionPool, UpstreamClient
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
+_REFUSAL = b'{"error": "invalid_token"}'
 UNAUTHORISED = (
-    b'HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 25\r\n\r\n{"error": "invalid_token"}'
+    b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    % len(_REFUSAL)
+    + _REFUSAL
 )
 
 
@@ -61,8 +64,9 @@ class RawProxy(BaseProtocol):
         headers.popall("Host", None)
         headers.popall("Authorization", None)
         headers["X-Service-User"] = user
-        upstream = await self._client.send(
-            self._pool, message.method, message.path, headers, body=None, length=None, body_limit=0, timeout=60
+        client, pool = self._client, self._pool
+        upstream = await client.send(
+            pool, message.method, message.path, headers, body=None, length=None, body_limit=0, timeout=60
         )
         try:
             body = b""
@@ -82,13 +86,17 @@ async def serve(listen: str, upstream: str, tokens: dict[str, str]) -> None:
     loop = asyncio.get_running_loop()
     pool = UpstreamClient().pool_for("raw", upstream.rstrip("/"), 100)
     host, _, port = listen.rpartition(":")
-    server = await loop.create_server(lambda: RawProxy(loop, tokens, pool), host, int(port), reuse_address=True)
+    server = await loop.create_server(
+        lambda: RawProxy(loop, tokens, pool), host, int(port), reuse_address=True
+    )
     async with server:
         await server.serve_forever()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--listen", default="127.0.0.1:9100", help="HOST:PORT")
     parser.add_argument("--upstream", required=True, help="http://HOST:PORT")
     args = parser.parse_args()

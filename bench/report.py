@@ -110,6 +110,14 @@ def cpu_gap_us(runs: dict[str, ServerRun], a: str, b: str) -> float | None:
     return run_a.cpu_us_per_req - run_b.cpu_us_per_req
 
 
+# Issue 16's aims for one worker with every feature of the token path on: a share of the nginx
+# proxy's throughput measured in the same rounds (0.20 the stretch), a p99, and a multiple of
+# Express Gateway's throughput, which is not installed here: the issue's own measurement of it
+# on this kind of machine (3,794 req/s) stands in, and the target says so.
+NGINX_SHARE, NGINX_STRETCH = 0.12, 0.20
+P99_AIM_MS = 10.0
+EXPRESS_GATEWAY_RPS = 3794.0
+
 # The budget of the TLS latency target: a fifth of the ≈240 µs the plain gateway adds to a
 # request at 1 connection (README "Performance"); record encryption of a few hundred bytes
 # each way should cost far less than that.
@@ -122,7 +130,8 @@ TLS_ADDED_BUDGET_US = 50.0
 # CPU µs/req difference is its price, README "Identity assertion": about 60 µs).
 SIGNED_VARIANTS = (
     ("gw-jwt", "JWT credential ≥ 0.85 × the token path (same rounds)", 0.85),
-    ("gw-assertion", "assertion: true ≥ 0.80 × without (same rounds)", 0.80),
+    # Issue 16: the assertion within 25 % (issue 12 asked 20 %).
+    ("gw-assertion", "assertion: true ≥ 0.75 × without (same rounds)", 0.75),
     # Issue 13's aims: a memory rate limit within 5 %, a Redis one within 25 % of the plain path.
     ("gw-rl-memory", "rate limits in memory ≥ 0.95 × without (same rounds)", 0.95),
     ("gw-rl-redis", "rate limits on Redis ≥ 0.75 × without (same rounds)", 0.75),
@@ -212,6 +221,7 @@ def targets(results: Results) -> list[Target]:
             )
         )
     if throughput:
+        found.extend(issue16_targets(results))
         base = _c50(results.runs, "gw-sqlite")
         for key, what, floor in SIGNED_VARIANTS:
             c50 = _c50(results.runs, key)
@@ -264,6 +274,40 @@ def targets(results: Results) -> list[Target]:
     return found
 
 
+def issue16_targets(results: Results) -> list[Target]:
+    """One worker (SQLite) against nginx, its p99 and Express Gateway (issue 16)."""
+    c50, nginx = _c50(results.runs, "gw-sqlite"), _c50(results.runs, "nginx")
+    share = ratio(results, "gw-sqlite", "nginx")
+    stretch = (
+        ""
+        if share is None
+        else f"; stretch {NGINX_STRETCH:.2f} × {'met' if share >= NGINX_STRETCH else 'not met'}"
+    )
+    return [
+        Target(
+            f"one worker (SQLite) ≥ {NGINX_SHARE:.2f} × (b) the nginx proxy (same rounds)",
+            "–"
+            if c50 is None or nginx is None or share is None
+            else f"{c50.rps:,.0f} req/s = {share:.3f} × (b)'s {nginx.rps:,.0f}{stretch}",
+            None if share is None else share >= NGINX_SHARE,
+            _others(c50, nginx),
+        ),
+        Target(
+            f"one worker (SQLite) p99 ≤ {P99_AIM_MS:.0f} ms at {results.options.connections} connections",
+            "–" if c50 is None else f"{c50.lat_p99_ms:.2f} ms",
+            None if c50 is None else c50.lat_p99_ms <= P99_AIM_MS,
+            _others(c50),
+        ),
+        Target(
+            f"one worker (SQLite) ≥ 3 × Express Gateway ({EXPRESS_GATEWAY_RPS:,.0f} req/s: issue 16's "
+            "figure, not installed here)",
+            "–" if c50 is None else f"{c50.rps:,.0f} req/s = {c50.rps / EXPRESS_GATEWAY_RPS:.2f} ×",
+            None if c50 is None else c50.rps >= 3 * EXPRESS_GATEWAY_RPS,
+            _others(c50),
+        ),
+    ]
+
+
 def edge_targets(results: Results) -> list[Target]:
     """TLS and WebSocket targets of the edge scenario."""
     tls, ws = results.tls_runs, results.ws_runs
@@ -308,6 +352,18 @@ def edge_targets(results: Results) -> list[Target]:
             "–" if added is None else f"{added:.0f} µs",
             None if added is None else added <= TLS_ADDED_BUDGET_US,
             _others(_c1(tls, "gw-tls"), _c1(tls, "gw")),
+        )
+    )
+    nginx_tls = _c50(tls, "nginx-tls")
+    vs_nginx = rate_ratio(tls, "gw-tls", "nginx-tls")
+    found.append(
+        Target(
+            "gateway TLS ≥ 0.5 × nginx terminating TLS with the same certificate (same rounds)",
+            "–"
+            if gw_tls is None or nginx_tls is None or vs_nginx is None
+            else f"{gw_tls.rps:,.0f} req/s = {vs_nginx:.2f} × nginx's {nginx_tls.rps:,.0f}",
+            None if vs_nginx is None else vs_nginx >= 0.5,
+            _others(gw_tls, nginx_tls),
         )
     )
     ws_gw = _c50(ws, "ws-gw")
@@ -593,7 +649,7 @@ def render(results: Results, previous: Path) -> str:
         for run in results.runs.values():
             add(_wrk_row(run.label, run.c50, _rounds_note(run)))
         if results.workers2_run is not None:
-            add(_wrk_row("(c) gateway `--workers 2`, SQLite", results.workers2_run, "unpinned"))
+            add(_wrk_row("(c) gateway `--workers auto`, SQLite", results.workers2_run, "unpinned"))
         add("")
         add(
             f"- (c)/(b) throughput: SQLite {_f(ratio(results, 'gw-sqlite', 'nginx'), '.2f')}, "
@@ -616,7 +672,7 @@ def render(results: Results, previous: Path) -> str:
                 f"- (c)/(b) CPU per request: {cpu['gw-sqlite'] / cpu['nginx']:.1f} ×; "
                 f"(c)/(d) CPU per request: {cpu['gw-sqlite'] / cpu['bare']:.2f} × (SQLite)"
             )
-        add(f"- `gateway serve --workers 2`: {results.workers2}")
+        add(f"- `gateway serve --workers auto`: {results.workers2}")
         add("")
         add("### 1 connection (added latency)")
         add("")

@@ -674,9 +674,10 @@ class Bench:
             add(ServerRun(key, label, note=f"rate_limits.store: {store}"), server, setup.token, True)
 
     def workers(self, setup: GatewaySetup) -> None:
-        """`gateway serve --workers 2`: measured (both cores) when it starts, else 'not available'."""
+        """`gateway serve --workers auto` (one per core: 2 here): measured (both cores) when it
+        starts, else 'not available'."""
         results = self.results
-        argv = gateway_serve_argv(setup, workers=2)
+        argv = gateway_serve_argv(setup, workers="auto")
         self.command(shown(argv, setup.token))
         proc = self.procs.start("gw-workers2", argv, cwd=REPO)
         deadline = time.monotonic() + 30
@@ -690,8 +691,8 @@ class Bench:
         if not ready:
             self.procs.stop(proc)
             reason = " ".join(proc.log_tail(3).split())[:300] or f"exit code {proc.popen.returncode}"
-            results.workers2 = f"not available (`gateway serve --workers 2` failed: {reason})"
-            log(f"--workers 2: {results.workers2}")
+            results.workers2 = f"not available (`gateway serve --workers auto` failed: {reason})"
+            log(f"--workers auto: {results.workers2}")
             return
         try:
             self.sanity(f"http://{LOOPBACK}:{setup.proxy_port}", setup.token, expect_user=True)
@@ -718,11 +719,12 @@ class Bench:
             ]
             results.workers2_run = result
             results.workers2 = (
-                "measured unpinned (the workers may use both cores, so they share core 0 with wrk and "
-                "the upstream); CPU µs/req is that of the whole process tree; per worker over the run: "
+                f"{len(workers)} workers; measured unpinned (they may use both cores, so they share "
+                "core 0 with wrk and the upstream); CPU µs/req is that of the whole process tree; "
+                "per worker over the run: "
                 + ", ".join(shares)
             )
-            log(f"--workers 2: {result.rps:,.0f} req/s, p99 {result.lat_p99_ms:.2f} ms")
+            log(f"--workers auto: {result.rps:,.0f} req/s, p99 {result.lat_p99_ms:.2f} ms")
         finally:
             self.procs.stop(proc)
 

@@ -499,7 +499,7 @@ def exchange_api_key(setup: GatewaySetup, timeout: float = 10.0) -> AccessToken:
     return AccessToken(token, float(answer.get("expires_in", 0)), str(answer.get("scope", "")))
 
 
-def gateway_serve_argv(setup: GatewaySetup, workers: int | None = None) -> list[str]:
+def gateway_serve_argv(setup: GatewaySetup, workers: int | str | None = None) -> list[str]:
     argv = [sys.executable, "-m", "gateway", "--config", str(setup.config), "serve"]
     if workers is not None:
         argv += ["--workers", str(workers)]
@@ -507,7 +507,7 @@ def gateway_serve_argv(setup: GatewaySetup, workers: int | None = None) -> list[
 
 
 def start_gateway(
-    procs: Processes, setup: GatewaySetup, cpus: str, name: str, workers: int | None = None
+    procs: Processes, setup: GatewaySetup, cpus: str, name: str, workers: int | str | None = None
 ) -> Server:
     """`python -m gateway --config CONFIG serve` pinned to `cpus`; stderr (the JSON log) to a file."""
     proc = procs.start(name, gateway_serve_argv(setup, workers), cpus=cpus, cwd=REPO)
