@@ -23,7 +23,10 @@
 #               through the gateway on a `websocket: true` route.
 #
 # Separately: `python -m bench.revocation [--rounds N]` measures how fast a revocation reaches
-# three instances on one PostgreSQL database, push (LISTEN/NOTIFY) against the poll alone.
+# three instances on one PostgreSQL database, push (LISTEN/NOTIFY) against the poll alone;
+# `python -m bench.profile` writes the per-stage table (µs of CPU per request by stage, from
+# py-spy) into bench/RESULTS.md; bench/raw_proxy.py is the bare proxy on a bare asyncio
+# protocol (the server side's upper bound, README "Performance").
 #
 # It installs Debian's nginx-light and wrk when missing, starts and stops every process by
 # PID, sends traffic only to 127.0.0.1, and leaves nothing running.
