@@ -401,14 +401,34 @@ function formActions(submitLabel, close) {
   ];
 }
 
-async function busy(form, work) {
-  const buttons = form.querySelectorAll("button");
-  for (const button of buttons) button.disabled = true;
-  try {
-    await work();
-  } finally {
-    for (const button of buttons) button.disabled = false;
-  }
+// A form's submit: its buttons disabled while `action` runs; a refusal shown next to the
+// field (of `fields`, by the API's field name) it names.
+function onSubmit(form, fields, action) {
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const buttons = form.querySelectorAll("button");
+    for (const button of buttons) button.disabled = true;
+    try {
+      await action();
+    } catch (error) {
+      formError(form, error, fields);
+    } finally {
+      for (const button of buttons) button.disabled = false;
+    }
+  });
+}
+
+// The fields a service user is created and edited with (the name aside), and their API body.
+function userFields(roleNames, chosen = [], user = null) {
+  const description = h("input", { type: "text", autocomplete: "off", value: user?.description || "" });
+  const roles = roleSelect(roleNames, chosen);
+  const origins = h("textarea", { rows: "2", spellcheck: "false", value: user ? user.allowed_origins.join("\n") : "" });
+  const body = () => ({
+    description: description.value.trim() || null,
+    roles: chosenRoles(roles),
+    allowed_origins: originList(origins.value),
+  });
+  return { description, roles, origins, body, fields: { description, roles, allowed_origins: origins } };
 }
 
 // --- Service users ---------------------------------------------------------------------------
@@ -421,35 +441,21 @@ async function usersView() {
   const newButton = h("button", { type: "button", class: "primary" }, "New service user");
   const newArea = formToggle(newButton, (close) => {
     const name = h("input", { type: "text", required: true, autocomplete: "off", spellcheck: "false" });
-    const description = h("input", { type: "text", autocomplete: "off" });
-    const select = roleSelect(roles);
-    const origins = h("textarea", { rows: "2", spellcheck: "false" });
+    const user = userFields(roles);
     const form = h(
       "form",
       { class: "panel", "aria-label": "New service user" },
       h("h2", {}, "New service user"),
       field("Name", name, "Lower-case letters, digits, dot, dash and underscore; 63 at most."),
-      field("Description", description),
-      field("Roles", select, "Ctrl/⌘-click or Shift+arrows to choose several; none is allowed."),
-      field("Origins", origins, "Browser origins allowed to use its tokens, one a line (https://app.example)."),
+      field("Description", user.description),
+      field("Roles", user.roles, "Ctrl/⌘-click or Shift+arrows to choose several; none is allowed."),
+      field("Origins", user.origins, "Browser origins allowed to use its tokens, one a line (https://app.example)."),
       formActions("Create", close),
     );
-    form.addEventListener("submit", (event) => {
-      event.preventDefault();
-      busy(form, async () => {
-        try {
-          const user = await api("POST", "v1/service-users", {
-            name: name.value.trim(),
-            description: description.value.trim() || null,
-            roles: chosenRoles(select),
-            allowed_origins: originList(origins.value),
-          });
-          statusText(`Service user ${user.name} created.`);
-          location.hash = `#/users/${encodeURIComponent(user.name)}`;
-        } catch (error) {
-          formError(form, error, { name, description, roles: select, allowed_origins: origins });
-        }
-      });
+    onSubmit(form, { name, ...user.fields }, async () => {
+      const created = await api("POST", "v1/service-users", { name: name.value.trim(), ...user.body() });
+      statusText(`Service user ${created.name} created.`);
+      location.hash = `#/users/${encodeURIComponent(created.name)}`;
     });
     return form;
   });
@@ -577,33 +583,20 @@ async function userView(name) {
   });
   const edit = h("button", { type: "button" }, "Edit");
   const editArea = formToggle(edit, (close) => {
-    const description = h("input", { type: "text", autocomplete: "off", value: user.description || "" });
-    const select = roleSelect(allRoleNames, roleNames);
-    const origins = h("textarea", { rows: "2", spellcheck: "false", value: user.allowed_origins.join("\n") });
+    const edited = userFields(allRoleNames, roleNames, user);
     const form = h(
       "form",
       { class: "panel", "aria-label": `Edit ${name}` },
       h("h2", {}, `Edit ${name}`),
-      field("Description", description),
-      field("Roles", select, "Tokens with a fixed role list lose a role removed here."),
-      field("Origins", origins, "One a line."),
+      field("Description", edited.description),
+      field("Roles", edited.roles, "Tokens with a fixed role list lose a role removed here."),
+      field("Origins", edited.origins, "One a line."),
       formActions("Save", close),
     );
-    form.addEventListener("submit", (event) => {
-      event.preventDefault();
-      busy(form, async () => {
-        try {
-          await api("PATCH", userPath(name), {
-            description: description.value.trim() || null,
-            roles: chosenRoles(select),
-            allowed_origins: originList(origins.value),
-          });
-          await userView(name);
-          statusText(`Service user ${name} saved.`);
-        } catch (error) {
-          formError(form, error, { description, roles: select, allowed_origins: origins });
-        }
-      });
+    onSubmit(form, edited.fields, async () => {
+      await api("PATCH", userPath(name), edited.body());
+      await userView(name);
+      statusText(`Service user ${name} saved.`);
     });
     return form;
   });
@@ -674,18 +667,11 @@ async function userView(name) {
   const credentialArea = (button, title, withName, path, reload, announce) =>
     formToggle(button, (close) => {
       const { form, body, fields } = credentialFields(close, title, withName);
-      form.addEventListener("submit", (event) => {
-        event.preventDefault();
-        busy(form, async () => {
-          try {
-            const created = await api("POST", path, body());
-            close();
-            await reload();
-            announce(created);
-          } catch (error) {
-            formError(form, error, fields);
-          }
-        });
+      onSubmit(form, fields, async () => {
+        const created = await api("POST", path, body());
+        close();
+        await reload();
+        announce(created);
       });
       return form;
     });
