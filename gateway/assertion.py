@@ -1,6 +1,6 @@
 """The signed identity assertion for upstreams (route key `assertion: true`).
 
-Imports: decision, errors, keyring, signing.
+Imports: decision, errors, keyring, randomness, signing.
 
 Plain identity headers say who the caller is only to an upstream that trusts its network;
 an assertion proves it came through this gateway (Pomerium's `X-Pomerium-Jwt-Assertion`,
@@ -13,7 +13,6 @@ it lives 60 seconds. The proxy never accepts one as a credential (its `typ` diff
 from __future__ import annotations
 
 import base64
-import os
 import time
 from collections.abc import Callable
 from math import floor
@@ -23,41 +22,16 @@ from gateway import signing
 from gateway.decision import Decision, Settings
 from gateway.errors import StoreUnavailable
 from gateway.keyring import KeyRing, RingKey
+from gateway.randomness import random_bytes
 
 ASSERTION_TYPE = "gateway-assertion+jwt"
 LIFETIME = 60  # seconds
 
 
-class _Jtis:
-    """Fresh `jti`s: 22 url-safe characters (132 random bits; `secrets.token_urlsafe(16)` has
-    128) cut from the OS's CSPRNG read 256 at a time, as one base64url text: one getrandom()
-    per assertion was a syscall on every request. A forked child starts on fresh bytes."""
-
-    __slots__ = ("_text", "_at")
-    _SIZE = 22
-    _BATCH = 3 * _SIZE * 64  # bytes: a multiple of 3 (no padding), 4 * 22 * 64 characters
-
-    def __init__(self) -> None:
-        self._text, self._at = "", 0
-
-    def next(self) -> str:
-        at = self._at
-        if at >= len(self._text):
-            self._text, at = base64.urlsafe_b64encode(os.urandom(self._BATCH)).decode(), 0
-        self._at = at + self._SIZE
-        return self._text[at : at + self._SIZE]
-
-    def forget(self) -> None:
-        self._text, self._at = "", 0
-
-
-_JTIS = _Jtis()
-os.register_at_fork(after_in_child=_JTIS.forget)
-
-
 def new_jti() -> str:
-    """A fresh, unguessable assertion id (never the same twice, nor in a forked child)."""
-    return _JTIS.next()
+    """A fresh, unguessable assertion id: 22 url-safe characters (128 random bits, as
+    `secrets.token_urlsafe(16)`), never the same twice, nor in a forked child."""
+    return base64.urlsafe_b64encode(random_bytes(16)).rstrip(b"=").decode()
 
 
 class Assertions:
@@ -102,6 +76,6 @@ class Assertions:
                 "request_id": request_id,
                 "iat": issued,
                 "exp": issued + LIFETIME,
-                "jti": _JTIS.next(),
+                "jti": new_jti(),
             }
         )

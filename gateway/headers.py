@@ -1,6 +1,7 @@
 """Header hygiene both ways: what the upstream may see, and what the client gets back.
 
-Imports: config, handshake and multidict only. Built once per configuration; runs on every request.
+Imports: config, handshake, randomness and multidict only. Built once per configuration; runs on
+every request.
 
 Order matters and is the security property: everything a client could use to spoof
 an identity is stripped *before* the gateway sets its own values, so a client's
@@ -9,7 +10,6 @@ an identity is stripped *before* the gateway sets its own values, so a client's
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -18,6 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from gateway.config import IdentityConfig
 from gateway.handshake import without_bearer
+from gateway.randomness import random_bytes
 
 _HOP_BY_HOP = frozenset(
     {
@@ -92,35 +93,9 @@ def fold(name: str) -> str:
 _FOLDED: dict[str, str] = {}
 
 
-class _RandomIds:
-    """128-bit ids from the OS's CSPRNG, read 256 at a time: one getrandom() per request was
-    one syscall in eight on the proxy path. A forked child starts on fresh bytes."""
-
-    __slots__ = ("_pool", "_at")
-    _BATCH = 16 * 256
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = self._BATCH
-
-    def next(self) -> str:
-        at = self._at
-        if at >= self._BATCH:
-            self._pool, at = os.urandom(self._BATCH), 0
-        self._at = at + 16
-        return self._pool[at : at + 16].hex()
-
-    def forget(self) -> None:
-        self._pool, self._at = b"", self._BATCH
-
-
-_IDS = _RandomIds()
-os.register_at_fork(after_in_child=_IDS.forget)
-
-
 def new_request_id() -> str:
     """A fresh request id (128 random bits, hex)."""
-    return _IDS.next()
+    return random_bytes(16).hex()
 
 
 def request_id_from(headers: CIMultiDictProxy[str]) -> str:
